@@ -1,0 +1,131 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import twins_mm
+from twins_mm.checkpoints import (CheckpointLayoutError, convert_to_twins_mm, detect_layout,
+                                  load_pretrained)
+from twins_mm.testing import official_state_dict
+
+from tests.helpers import VARIANTS, build_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_factory_matches_reference_key_counts():
+    # Reference section 2.1: PCPVT-S 304 keys, SVT-S 290 (300 / 286 without head and norm).
+    assert len(official_state_dict('TwinsPCPVT', 'small')) == 304
+    assert len(official_state_dict('TwinsSVT', 'small')) == 290
+    sd = official_state_dict('TwinsPCPVT', 'small')
+    assert sd['blocks.0.0.attn.sr.weight'].shape == (64, 64, 8, 8)
+    assert sd['blocks.3.1.attn.kv.weight'].shape == (1024, 512)
+    assert 'blocks.3.1.attn.sr.weight' not in sd
+    assert official_state_dict('TwinsSVT', 'small')['blocks.0.0.attn.qkv.weight'].shape == (192, 64)
+
+
+def copy_tensor_by_tensor(model, sd):
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in sd.items():
+            if key.startswith(('head.', 'norm.')):
+                continue
+            params[key].copy_(value)
+    return model
+
+
+# Every variant as a raw state dict; the 'model' / 'state_dict' containers on two of them.
+@pytest.mark.parametrize('family,arch,wrapper', [(f, a, None) for f, a in VARIANTS] + [
+    ('TwinsPCPVT', 'small', 'model'), ('TwinsSVT', 'small', 'state_dict')])
+def test_official_layout_loads_exactly(tmp_path, family, arch, wrapper):
+    sd = official_state_dict(family, arch)
+    path = tmp_path / 'official.pth'
+    torch.save({wrapper: sd} if wrapper else sd, path)
+    loaded = build_backbone(family, arch, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    loaded.init_weights()
+    reference = copy_tensor_by_tensor(build_backbone(family, arch), sd)
+    with torch.no_grad():
+        # norm_list is the only part not in the file: give both models the same values.
+        for a, b in zip(loaded.norm_list.parameters(), reference.norm_list.parameters()):
+            b.copy_(a)
+        x = torch.randn(1, 3, 64, 96)
+        for a, b in zip(loaded.eval()(x), reference.eval()(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    state, info = convert_to_twins_mm(torch.load(path))
+    model_keys = set(loaded.state_dict())
+    assert set(state) - model_keys == set()
+    missing = model_keys - set(state)
+    assert all(k.startswith('norm_list.') for k in missing)
+    assert bool(missing) == (family == 'TwinsSVT')
+    assert sorted(info['dropped']) == ['head.bias', 'head.weight', 'norm.bias', 'norm.weight']
+    assert info['arch'] == arch and info['family'] == family
+
+
+def test_stage_norms_reported_once_as_new(tmp_path):
+    torch.save(official_state_dict('TwinsSVT', 'small'), tmp_path / 'a.pth')
+    info = load_pretrained(twins_mm.TwinsSVT('small'), str(tmp_path / 'a.pth'))
+    assert info['newly_initialised'] == [f'norm_list.{i}' for i in range(4)]
+    info = load_pretrained(twins_mm.TwinsPCPVT('small'),
+                           official_state_dict('TwinsPCPVT', 'small'))
+    assert info['newly_initialised'] == []
+
+
+def test_detector_checkpoint_with_backbone_prefix_and_module():
+    sd = official_state_dict('TwinsSVT', 'small', num_classes=0, with_stage_norms=True)
+    wrapped = {'state_dict': {**{f'module.backbone.{k}': v for k, v in sd.items()},
+                              'module.neck.conv.weight': torch.zeros(1)},
+               'meta': {'epoch': 3}}
+    model = twins_mm.TwinsSVT('small')
+    info = load_pretrained(model, wrapped)
+    assert info['newly_initialised'] == []
+    torch.testing.assert_close(model.norm_list[2].weight, sd['norm_list.2.weight'])
+
+
+def test_wrong_variant_is_named(tmp_path):
+    with pytest.raises(CheckpointLayoutError,
+                       match=r'model is TwinsSVT-small.*holds TwinsSVT-base'):
+        load_pretrained(twins_mm.TwinsSVT('small'), official_state_dict('TwinsSVT', 'base'))
+    with pytest.raises(CheckpointLayoutError, match=r'model is TwinsPCPVT-small.*TwinsSVT-small'):
+        load_pretrained(twins_mm.TwinsPCPVT('small'), official_state_dict('TwinsSVT', 'small'))
+
+
+def test_shape_mismatch_and_unknown_layout_are_named():
+    sd = official_state_dict('TwinsPCPVT', 'small')
+    sd['blocks.1.0.mlp.fc1.weight'] = torch.zeros(7, 128)
+    with pytest.raises(CheckpointLayoutError,
+                       match=r'blocks\.1\.0\.mlp\.fc1\.weight: model \(1024, 128\), checkpoint \(7, 128\)'):
+        load_pretrained(twins_mm.TwinsPCPVT('small'), sd)
+    with pytest.raises(CheckpointLayoutError, match='Unknown checkpoint layout.*conv1.weight'):
+        load_pretrained(twins_mm.TwinsPCPVT('small'), {'conv1.weight': torch.zeros(1)})
+    with pytest.raises(CheckpointLayoutError, match='mmpretrain'):
+        detect_layout({'stages.0.0.attn.q.weight': torch.zeros(1)})
+    incomplete = official_state_dict('TwinsPCPVT', 'small')
+    del incomplete['blocks.2.3.attn.q.bias']
+    with pytest.raises(CheckpointLayoutError, match=r'missing keys: blocks\.2\.3\.attn\.q\.bias'):
+        load_pretrained(twins_mm.TwinsPCPVT('small'), incomplete)
+
+
+def test_missing_file_is_clear():
+    model = twins_mm.TwinsPCPVT('small', init_cfg=dict(type='Pretrained',
+                                                       checkpoint='/nonexistent/x.pth'))
+    with pytest.raises(FileNotFoundError, match='/nonexistent/x.pth'):
+        model.init_weights()
+
+
+def test_convert_checkpoint_tool_roundtrip(tmp_path):
+    src = tmp_path / 'alt_gvt_small.pth'
+    torch.save({'model': official_state_dict('TwinsSVT', 'small')}, src)
+    dst = tmp_path / 'converted.pth'
+    subprocess.run([sys.executable, str(ROOT / 'tools' / 'convert_checkpoint.py'), str(src),
+                    str(dst)], check=True, capture_output=True, text=True)
+    out = torch.load(dst)
+    assert not any(k.startswith(('head.', 'norm.')) for k in out['state_dict'])
+    model = twins_mm.TwinsSVT('small')
+    info = load_pretrained(model, str(dst))
+    assert info['layout'] == 'official' and info['dropped'] == []
+    bad = subprocess.run([sys.executable, str(ROOT / 'tools' / 'convert_checkpoint.py'),
+                          str(tmp_path / 'missing.pth'), str(dst)], capture_output=True, text=True)
+    assert bad.returncode != 0 and 'missing.pth' in bad.stderr
+    assert 'Traceback' not in bad.stderr

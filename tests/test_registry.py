@@ -1,0 +1,101 @@
+"""The backbones build from plain config files under mmdet's and mmseg's default scopes.
+
+Each case runs in a fresh interpreter in which nothing but the config's ``custom_imports``
+imports twins_mm, so a registration that only works after a manual import would fail.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+DET_CFG = """
+_base_ = ['mmdet::_base_/models/retinanet_r50_fpn.py']
+custom_imports = dict(imports=['twins_mm'], allow_failed_imports=False)
+default_scope = 'mmdet'
+model = dict(
+    backbone=dict(_delete_=True, type='{type}', arch='small'),
+    neck=dict(in_channels={channels}))
+"""
+SEG_CFG = """
+_base_ = ['mmseg::_base_/models/fpn_r50.py']
+custom_imports = dict(imports=['twins_mm'], allow_failed_imports=False)
+default_scope = 'mmseg'
+norm_cfg = dict(type='BN', requires_grad=True)
+model = dict(
+    pretrained=None,
+    data_preprocessor=dict(size=(64, 64)),
+    backbone=dict(_delete_=True, type='{type}', arch='small'),
+    neck=dict(in_channels={channels}),
+    decode_head=dict(norm_cfg=norm_cfg))
+"""
+RUN = """
+import json, sys, torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+cfg = Config.fromfile(sys.argv[1])
+init_default_scope(cfg.default_scope)
+if cfg.default_scope == 'mmdet':
+    from mmdet.registry import MODELS
+else:
+    from mmseg.registry import MODELS
+model = MODELS.build(cfg.model).eval()
+with torch.no_grad():
+    out = model._forward(torch.randn(1, 3, 64, 64))
+flat = out if isinstance(out, torch.Tensor) else [t for level in out for t in level]
+flat = flat if isinstance(flat, list) else [flat]
+print(json.dumps(dict(backbone=type(model.backbone).__module__ + '.' + type(model.backbone).__name__,
+                      shapes=[list(t.shape) for t in flat])))
+"""
+
+CHANNELS = {'TwinsPCPVT': [64, 128, 320, 512], 'TwinsSVT': [64, 128, 256, 512]}
+
+
+def run_config(tmp_path, text):
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text(textwrap.dedent(text))
+    proc = subprocess.run([sys.executable, '-c', RUN, str(cfg)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('type_name', ['TwinsPCPVT', 'twins_mm.TwinsSVT'])
+def test_retinanet_under_mmdet_scope(tmp_path, type_name):
+    family = type_name.split('.')[-1]
+    res = run_config(tmp_path, DET_CFG.format(type=type_name, channels=CHANNELS[family]))
+    assert res['backbone'] == f'twins_mm.models.twins.{family}'
+    # 5 levels x (cls, reg); cls: 9 anchors x 80 classes; P3 of a 64 px input is 8x8
+    assert res['shapes'][0] == [1, 720, 8, 8] and len(res['shapes']) == 10
+
+
+@pytest.mark.parametrize('type_name', ['TwinsSVT', 'TwinsPCPVT'])
+def test_encoder_decoder_under_mmseg_scope(tmp_path, type_name):
+    res = run_config(tmp_path, SEG_CFG.format(type=type_name, channels=CHANNELS[type_name]))
+    assert res['backbone'] == f'twins_mm.models.twins.{type_name}'
+    assert res['shapes'] == [[1, 19, 16, 16]]
+
+
+def test_mmseg_own_pcpvt_is_untouched(tmp_path):
+    text = SEG_CFG.format(type='PCPVT', channels=CHANNELS['TwinsPCPVT']).replace(
+        "arch='small'", "embed_dims=[64, 128, 320, 512], num_heads=[1, 2, 5, 8], "
+        "mlp_ratios=[8, 8, 4, 4], qkv_bias=True, depths=[3, 4, 6, 3], sr_ratios=[8, 4, 2, 1]")
+    res = run_config(tmp_path, text)
+    assert res['backbone'] == 'mmseg.models.backbones.twins.PCPVT'
+    assert res['shapes'] == [[1, 19, 16, 16]]
+
+
+def test_registered_in_each_scope_without_shadowing():
+    import mmdet.models  # noqa: F401  (fills the registries)
+    import mmseg.models  # noqa: F401
+
+    import twins_mm  # noqa: F401
+    from mmdet.registry import MODELS as DET
+    from mmseg.registry import MODELS as SEG
+
+    from twins_mm.registry import MODELS as OURS
+    for reg in (DET, SEG, OURS):
+        assert reg.module_dict['TwinsSVT'] is twins_mm.TwinsSVT
+        assert reg.module_dict['TwinsPCPVT'] is twins_mm.TwinsPCPVT
+    assert SEG.module_dict['PCPVT'].__module__.startswith('mmseg.')
+    assert 'PCPVT' not in DET.module_dict and 'PCPVT' not in OURS.module_dict
