@@ -1,0 +1,11 @@
+# Twins-PCPVT-S + UPerNet, ADE20K 512x512, 160k iterations, 8x4 images.
+_base_ = ['./_base_/seg_upernet_160k.py']
+checkpoint = 'https://download.openmmlab.com/mmsegmentation/v0.5/pretrain/twins/pcpvt_small_20220308-e638c41c.pth'  # noqa: E501
+model = dict(
+    backbone=dict(
+        type='TwinsPCPVT', arch='small',
+        init_cfg=dict(checkpoint=checkpoint)),
+    decode_head=dict(in_channels=[64, 128, 320, 512]),
+    auxiliary_head=dict(in_channels=320))
+# The official PCPVT-S UPerNet run used 4 images/GPU (global batch 32 in its log).
+train_dataloader = dict(batch_size=4)
