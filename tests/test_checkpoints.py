@@ -129,3 +129,61 @@ def test_convert_checkpoint_tool_roundtrip(tmp_path):
                           str(tmp_path / 'missing.pth'), str(dst)], capture_output=True, text=True)
     assert bad.returncode != 0 and 'missing.pth' in bad.stderr
     assert 'Traceback' not in bad.stderr
+
+
+def official_to_mmseg_release(sd, family):
+    """mmseg's ``twins2mmseg`` renames, written from the reference table (section 2.2).
+
+    Like the released mmseg pretrain files, ``head.*`` is dropped and ``norm.*`` kept.
+    """
+    out = {}
+    for key, value in sd.items():
+        if key.startswith('head.'):
+            continue
+        parts = key.split('.')
+        if key.startswith('patch_embeds.'):
+            new = key.replace('.proj.', '.projection.')
+        elif key.startswith('pos_block.'):
+            new = f'position_encodings.{parts[1]}.proj.{parts[-1]}'
+        elif key.startswith('blocks.'):
+            i, j = int(parts[1]), int(parts[2])
+            lsa = family == 'TwinsSVT' and j % 2 == 0
+            rest = '.'.join(parts[3:])
+            prefix = f'layers.{i}.{j}'
+            if rest.startswith('attn.q.'):
+                kind = parts[-1]
+                out[f'{prefix}.attn.attn.in_proj_{kind}'] = torch.cat(
+                    [value, sd[f'blocks.{i}.{j}.attn.kv.{kind}']])
+                continue
+            if rest.startswith('attn.kv.'):
+                continue
+            if rest.startswith('attn.proj.') and not lsa:
+                rest = rest.replace('attn.proj.', 'attn.attn.out_proj.')
+            rest = rest.replace('mlp.fc1.', 'ffn.layers.0.0.').replace('mlp.fc2.', 'ffn.layers.1.')
+            new = f'{prefix}.{rest}'
+        else:
+            new = key
+        out[new] = value
+    return out
+
+
+@pytest.mark.parametrize('family', ['TwinsPCPVT', 'TwinsSVT'])
+def test_mmseg_release_layout_equals_official(tmp_path, family):
+    sd = official_state_dict(family, 'small')
+    path = tmp_path / 'mmseg_pretrain.pth'
+    torch.save({'state_dict': official_to_mmseg_release(sd, family)}, path)
+    from_mmseg, from_official = build_backbone(family, 'small'), build_backbone(family, 'small')
+    info = load_pretrained(from_mmseg, str(path))
+    load_pretrained(from_official, sd)
+    assert info['layout'] == 'mmseg'
+    assert sorted(info['dropped']) == ['norm.bias', 'norm.weight']
+    official = from_official.state_dict()
+    for key, value in from_mmseg.state_dict().items():
+        if not key.startswith('norm_list.'):
+            assert torch.equal(value, official[key]), key
+
+
+def test_pretrained_without_checkpoint_is_clear():
+    model = twins_mm.TwinsSVT('small', init_cfg=dict(type='Pretrained', checkpoint=None))
+    with pytest.raises(ValueError, match='needs a checkpoint path or URL'):
+        model.init_weights()

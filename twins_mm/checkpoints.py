@@ -162,6 +162,10 @@ def check_compatible(model: torch.nn.Module, state: Dict[str, torch.Tensor], inf
 def load_pretrained(model: torch.nn.Module, checkpoint, prefix: Optional[str] = None,
                     map_location='cpu') -> dict:
     """Loads a checkpoint (path, URL, or already-loaded dict) of any supported layout."""
+    if checkpoint is None or checkpoint == '':
+        raise ValueError(f'{type(model).__name__}: init_cfg type "Pretrained" needs a checkpoint '
+                         f'path or URL, got {checkpoint!r}; set it, or drop init_cfg to train '
+                         f'from scratch.')
     if isinstance(checkpoint, str):
         raw = CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location)
     else:
