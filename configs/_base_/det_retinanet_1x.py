@@ -1,0 +1,1 @@
+_base_ = ['./det_retinanet.py', './det_schedule_1x.py']
