@@ -41,6 +41,42 @@ SVT_ARCHS: Dict[str, dict] = {
 ARCH_ALIASES = {'s': 'small', 'b': 'base', 'l': 'large'}
 
 
+def _graph_capture() -> bool:
+    """True while torch.compile / torch.export / ONNX export / jit.trace see the model."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing())
+
+
+_MKLDNN_LINEAR = getattr(torch.ops.mkldnn, '_linear_pointwise', None)
+
+
+def _use_fused_cpu_kernels(x: torch.Tensor) -> bool:
+    """oneDNN's fused linear kernels have no autograd: inference only, fp32 CPU, eager."""
+    return (_MKLDNN_LINEAR is not None and not torch.is_grad_enabled()
+            and x.device.type == 'cpu' and x.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and not _graph_capture())
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False,
+           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + act(layer(x))`` with the activation or the residual add fused in.
+
+    On CPU the bias add, the GELU and the residual add are each a full pass over a large
+    activation; oneDNN does them inside the matrix multiply (~1.8x faster for fc1 + GELU).
+    """
+    assert not (gelu and residual is not None)
+    if _use_fused_cpu_kernels(x):
+        if residual is not None and residual.is_contiguous():
+            return _MKLDNN_LINEAR.binary(x, residual, layer.weight, layer.bias, 'add')
+        if residual is None:
+            return _MKLDNN_LINEAR(x, layer.weight, layer.bias, 'gelu' if gelu else 'none',
+                                  [], 'none' if gelu else '')
+    out = F.linear(x, layer.weight, layer.bias)
+    if gelu:
+        out = F.gelu(out)
+    return out if residual is None else residual + out
+
+
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, N, C) -> (B, heads, N, C // heads)."""
     B, N, C = x.shape
@@ -85,17 +121,17 @@ class GlobalSubsampledAttention(nn.Module):
             self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(dim, eps=1e-5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, H, W, C = x.shape
-        q = _split_heads(self.q(x).reshape(B, H * W, C), self.num_heads)
+        q = _split_heads(linear(x, self.q).reshape(B, H * W, C), self.num_heads)
         source = x
         if self.sr_ratio > 1:
             # The conv floors: rows/columns beyond a whole sr x sr cell are left out.
             source = self.norm(self.sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
-        kv = self.kv(source).reshape(B, -1, 2, self.num_heads, C // self.num_heads)
+        kv = linear(source, self.kv).reshape(B, -1, 2, self.num_heads, C // self.num_heads)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, H, W, C))
+        return linear(out.transpose(1, 2).reshape(B, H, W, C), self.proj, residual=residual)
 
 
 class LocallyGroupedAttention(nn.Module):
@@ -125,12 +161,12 @@ class LocallyGroupedAttention(nn.Module):
         valid = valid.reshape(nh, ws, nw, ws).permute(0, 2, 1, 3).reshape(nh * nw, 1, 1, ws * ws)
         return valid
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, H, W, C = x.shape
         ws, heads = self.window_size, self.num_heads
         # Projecting before padding costs fewer FLOPs; padded keys are masked and padded
         # queries cropped, so what they hold never reaches a real token.
-        qkv = self.qkv(x)
+        qkv = linear(x, self.qkv)
         pad_r, pad_b = (-W) % ws, (-H) % ws
         padded = pad_r > 0 or pad_b > 0
         if padded:
@@ -147,7 +183,7 @@ class LocallyGroupedAttention(nn.Module):
         out = out.reshape(B, nh * ws, nw * ws, C)
         if padded:
             out = out[:, :H, :W]
-        return self.proj(out)
+        return linear(out, self.proj, residual=residual)
 
 
 class Mlp(nn.Module):
@@ -158,8 +194,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return linear(linear(x, self.fc1, gelu=True), self.fc2, residual=residual)
 
 
 class TwinsBlock(nn.Module):
@@ -174,8 +210,12 @@ class TwinsBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.training and not isinstance(self.drop_path, nn.Identity):
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        # Without stochastic depth the residual adds go into the output projections.
+        x = self.attn(self.norm1(x), residual=x)
+        return self.mlp(self.norm2(x), residual=x)
 
 
 def resolve_arch(arch: Union[str, dict], presets: Dict[str, dict], family: str) -> dict:
