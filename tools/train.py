@@ -1,0 +1,81 @@
+"""Train a segmentor (mmseg config) or a detector (mmdet config) with mmengine's Runner.
+
+The config's ``default_scope`` decides which library's registries, hooks and visualizer
+are used; the flags are those of mmseg's and mmdet's ``tools/train.py``.
+"""
+import argparse
+import logging
+import os.path as osp
+import sys
+
+import torch
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmengine.logging import print_log  # noqa: E402
+
+import twins_mm  # noqa: E402,F401  (registers the backbones, safe checkpoint loading)
+from twins_mm.launch import (add_common_args, build_runner, check_data_or_exit,  # noqa: E402
+                             config_scope, load_config, parse_with_local_rank,
+                             prepare_cpu_distributed)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a Twins segmentor or detector')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--resume', nargs='?', type=str, const='auto',
+        help='resume from the latest checkpoint in the work_dir (no value), or from the '
+        'given checkpoint file')
+    parser.add_argument('--amp', action='store_true', help='automatic mixed precision')
+    parser.add_argument(
+        '--auto-scale-lr', action='store_true',
+        help='scale the LR by the actual batch size over auto_scale_lr.base_batch_size')
+    add_common_args(parser)
+    return parse_with_local_rank(parser, argv)
+
+
+def enable_amp(cfg) -> None:
+    if not torch.cuda.is_available():
+        sys.exit('error: --amp needs a GPU (mmengine\'s AmpOptimWrapper does not run on CPU); '
+                 'drop --amp on this machine.')
+    wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    if wrapper == 'AmpOptimWrapper':
+        print_log('AMP training is already enabled in your config.', logger='current',
+                  level=logging.WARNING)
+        return
+    if wrapper != 'OptimWrapper':
+        sys.exit(f'error: --amp needs optim_wrapper.type OptimWrapper, the config has {wrapper}.')
+    cfg.optim_wrapper.type = 'AmpOptimWrapper'
+    cfg.optim_wrapper.loss_scale = 'dynamic'
+
+
+def enable_auto_scale_lr(cfg) -> None:
+    auto = cfg.get('auto_scale_lr') or {}
+    if 'base_batch_size' not in auto:
+        sys.exit('error: --auto-scale-lr needs auto_scale_lr=dict(base_batch_size=...) in the '
+                 'config.')
+    cfg.auto_scale_lr.enable = True
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args)
+    config_scope(cfg)
+    if args.amp:
+        enable_amp(cfg)
+    if args.auto_scale_lr:
+        enable_auto_scale_lr(cfg)
+    if args.resume == 'auto':
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume is not None:
+        cfg.resume, cfg.load_from = True, args.resume
+    check_data_or_exit(cfg, ('train', 'val') if cfg.get('val_cfg') else ('train', ))
+    prepare_cpu_distributed(cfg)
+    runner = build_runner(cfg)
+    runner.train()
+
+
+if __name__ == '__main__':
+    main()
