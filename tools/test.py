@@ -29,6 +29,7 @@ def parse_args(argv=None):
     parser.add_argument('--show', action='store_true', help='show prediction results')
     parser.add_argument('--show-dir', help='folder for painted prediction images')
     parser.add_argument('--wait-time', type=float, default=2, help='the interval of show (s)')
+    parser.add_argument('--tta', action='store_true', help='test-time augmentation')
     add_common_args(parser)
     return parse_with_local_rank(parser, argv)
 
