@@ -39,6 +39,8 @@ def enable_visualization(cfg, args, scope: str) -> None:
     if hook is None:
         sys.exit('error: --show/--show-dir need default_hooks.visualization in the config.')
     hook['draw'] = True
+    # The hooks' default draws every 50th image only; paint all unless the config says.
+    hook.setdefault('interval', 1)
     if args.show:
         hook['show'] = True
         hook['wait_time'] = args.wait_time
