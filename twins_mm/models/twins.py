@@ -47,6 +47,10 @@ def _graph_capture() -> bool:
             or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing())
 
 
+def _exporting() -> bool:
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
 _MKLDNN_LINEAR = getattr(torch.ops.mkldnn, '_linear_pointwise', None)
 
 
@@ -154,7 +158,7 @@ class LocallyGroupedAttention(nn.Module):
                         device: torch.device) -> torch.Tensor:
         """(num_windows, 1, 1, ws*ws) boolean mask, True where the key is a real token."""
         ws = window_size
-        nh, nw = math.ceil(H / ws), math.ceil(W / ws)
+        nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws  # integer ceil: export-safe
         rows = torch.arange(nh * ws, device=device) < H
         cols = torch.arange(nw * ws, device=device) < W
         valid = rows[:, None] & cols[None, :]
@@ -167,11 +171,15 @@ class LocallyGroupedAttention(nn.Module):
         # Projecting before padding costs fewer FLOPs; padded keys are masked and padded
         # queries cropped, so what they hold never reaches a real token.
         qkv = linear(x, self.qkv)
-        pad_r, pad_b = (-W) % ws, (-H) % ws
-        padded = pad_r > 0 or pad_b > 0
+        # Window counts first, pads from them: the padded side is then nh * ws by
+        # construction, which symbolic (dynamic-shape) tracing can prove.
+        nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws
+        pad_r, pad_b = nw * ws - W, nh * ws - H
+        # An exported graph must serve every size, so it always pads and masks (both are
+        # no-ops on whole windows); eager skips them when the map is whole windows.
+        padded = _exporting() or pad_r > 0 or pad_b > 0
         if padded:
             qkv = F.pad(qkv, (0, 0, 0, pad_r, 0, pad_b))
-        nh, nw = (H + pad_b) // ws, (W + pad_r) // ws
         qkv = qkv.reshape(B, nh, ws, nw, ws, 3, heads, C // heads)
         q, k, v = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(
             3, B * nh * nw, heads, ws * ws, C // heads).unbind(0)
@@ -272,6 +280,10 @@ class TwinsBase(BaseModule):
             running statistics, so this only matters for norms added by subclasses; kept so
             configs written for CNN backbones run unchanged).
         with_cp: activation checkpointing per block (less memory, more compute).
+        compile: opt-in ``torch.compile`` of the forward pass: True, or a dict of
+            ``torch.compile`` kwargs (e.g. ``dict(dynamic=True)``). The forward has no
+            graph breaks; compiling costs time at the first call (and per new input size
+            unless dynamic).
         pretrained: deprecated alias of ``init_cfg=dict(type='Pretrained', checkpoint=...)``.
         init_cfg: mmengine init config. ``dict(type='Pretrained', checkpoint=...)`` accepts
             official, timm, mmseg and twins_mm checkpoints (see ``twins_mm.checkpoints``).
@@ -290,6 +302,7 @@ class TwinsBase(BaseModule):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
+                 compile: Union[bool, dict] = False,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, list]] = None):
         if pretrained is not None:
@@ -329,6 +342,13 @@ class TwinsBase(BaseModule):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.with_cp = with_cp
+        if not isinstance(compile, (bool, dict)):
+            raise ValueError(f'compile must be a bool or a dict of torch.compile kwargs, '
+                             f'got {type(compile).__name__}.')
+        self._compiled_forward = None
+        if compile:
+            self._compiled_forward = torch.compile(
+                self._forward, **(compile if isinstance(compile, dict) else {}))
 
         self.patch_embeds = nn.ModuleList()
         self.pos_block = nn.ModuleList()
@@ -425,6 +445,11 @@ class TwinsBase(BaseModule):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         self._check_input(x)
+        if self._compiled_forward is not None:
+            return self._compiled_forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         outs = []
         for i in range(self.num_stages):
             x = self.patch_embeds[i](x)
