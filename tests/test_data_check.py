@@ -1,0 +1,138 @@
+"""The dataset check run by tools/train.py and tools/test.py: one-line errors for missing,
+empty or inconsistent data; grayscale and RGBA images are handled (3-channel inputs)."""
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+
+from twins_mm.data_check import DatasetCheckError, check_datasets
+from twins_mm.demo_data.ade20k import make_ade20k
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+SEG_CONFIG = osp.join(REPO, 'configs', 'fpn_twins_svt_s_80k.py')
+DET_CONFIG = osp.join(REPO, 'configs', 'retinanet_twins_pcpvt_s_1x.py')
+
+
+def seg_cfg(data_root):
+    cfg = Config.fromfile(SEG_CONFIG)
+    for split in ('train', 'val', 'test'):
+        cfg[f'{split}_dataloader'].dataset.data_root = data_root
+    init_default_scope('mmseg')
+    return cfg
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    return make_ade20k(str(tmp_path), num_train=3, num_val=2, size=64, seed=0)
+
+
+def one_line_error(cfg, splits=('train', 'val')) -> str:
+    with pytest.raises(DatasetCheckError) as info:
+        check_datasets(cfg, splits)
+    message = str(info.value)
+    assert '\n' not in message
+    return message
+
+
+def test_demo_data_passes(data_root):
+    check_datasets(seg_cfg(data_root), ('train', 'val', 'test'))
+
+
+def test_missing_data_root(tmp_path):
+    missing = str(tmp_path / 'nowhere' / 'ADEChallengeData2016')
+    message = one_line_error(seg_cfg(missing))
+    assert repr(missing) in message
+    assert 'ADE20K layout' in message and 'images/{training,validation}' in message
+    assert 'python tools/make_demo_data.py ade20k' in message
+
+
+def test_missing_coco_for_the_detection_example(tmp_path):
+    cfg = Config.fromfile(DET_CONFIG)
+    init_default_scope('mmdet')
+    missing = str(tmp_path / 'coco') + '/'
+    for split in ('train', 'val', 'test'):
+        cfg[f'{split}_dataloader'].dataset.data_root = missing
+    message = one_line_error(cfg)
+    assert missing in message and 'COCO layout' in message
+    assert 'python tools/make_demo_data.py coco' in message
+
+
+def test_empty_split(data_root):
+    folder = osp.join(data_root, 'images', 'validation')
+    for name in os.listdir(folder):
+        os.remove(osp.join(folder, name))
+    message = one_line_error(seg_cfg(data_root))
+    assert 'empty split' in message and repr(folder) in message
+
+
+def test_image_without_annotation(data_root):
+    annotation = osp.join(data_root, 'annotations', 'training', 'ADE_train_00000002.png')
+    os.remove(annotation)
+    message = one_line_error(seg_cfg(data_root))
+    assert repr(annotation) in message and 'has no annotation' in message
+
+
+def test_annotation_of_the_wrong_size(data_root):
+    annotation = osp.join(data_root, 'annotations', 'validation', 'ADE_val_00000001.png')
+    cv2.imwrite(annotation, np.ones((40, 64), np.uint8))
+    message = one_line_error(seg_cfg(data_root))
+    assert repr(annotation) in message
+    assert 'is 64x40 but its image is 64x64' in message
+
+
+def test_num_classes_that_disagrees_with_the_dataset(data_root):
+    cfg = seg_cfg(data_root)
+    cfg.model.decode_head.num_classes = 19
+    message = one_line_error(cfg)
+    assert 'model.decode_head.num_classes is 19' in message and 'has 150 classes' in message
+    cfg.model.decode_head.num_classes = 150
+    cfg.train_dataloader.dataset.metainfo = dict(classes=('wall', 'sky', 'person'))
+    message = one_line_error(cfg)
+    assert 'has 3 classes' in message
+
+
+def test_grayscale_and_rgba_images_become_three_channel_inputs(data_root):
+    images = osp.join(data_root, 'images', 'training')
+    gray = osp.join(images, 'ADE_train_00000001.jpg')
+    cv2.imwrite(gray, cv2.imread(gray, cv2.IMREAD_GRAYSCALE))
+    assert cv2.imread(gray, cv2.IMREAD_UNCHANGED).ndim == 2
+    rgba = osp.join(images, 'ADE_train_00000002.jpg')
+    bgra = cv2.cvtColor(cv2.imread(rgba), cv2.COLOR_BGR2BGRA)
+    bgra[..., 3] = 128
+    ok, png = cv2.imencode('.png', bgra)  # 4 channels; JPEG cannot hold alpha
+    with open(rgba, 'wb') as f:
+        f.write(png.tobytes())
+    assert cv2.imread(rgba, cv2.IMREAD_UNCHANGED).shape[-1] == 4
+
+    cfg = seg_cfg(data_root)
+    check_datasets(cfg, ('train', ))
+    from mmseg.registry import DATASETS
+    dataset_cfg = cfg.train_dataloader.dataset
+    dataset_cfg.pipeline = [p for p in dataset_cfg.pipeline
+                            if p['type'] not in ('RandomResize', 'RandomCrop')]
+    dataset = DATASETS.build(dataset_cfg)
+    names = [osp.basename(dataset.get_data_info(i)['img_path']) for i in range(len(dataset))]
+    for name in ('ADE_train_00000001.jpg', 'ADE_train_00000002.jpg'):
+        sample = dataset[names.index(name)]
+        assert tuple(sample['inputs'].shape) == (3, 64, 64)
+        assert tuple(sample['data_samples'].gt_sem_seg.data.shape) == (1, 64, 64)
+
+
+def test_train_tool_stops_with_one_line(tmp_path):
+    missing = str(tmp_path / 'ADEChallengeData2016')
+    proc = subprocess.run(
+        [sys.executable, 'tools/train.py', SEG_CONFIG, '--work-dir', str(tmp_path / 'w'),
+         '--cfg-options', f'train_dataloader.dataset.data_root={missing}'],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert 'Traceback' not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: train dataset (ADE20KDataset): data_root')
+    assert missing in last and 'make_demo_data.py ade20k' in last
+    assert not (tmp_path / 'w').exists()
