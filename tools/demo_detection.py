@@ -46,20 +46,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def coco_root_overrides(data_root: str) -> list:
-    """``--cfg-options`` that point a COCO config at another dataset root.
-
-    mmdet's COCO bases join ``data_root`` into the evaluators' ``ann_file`` when the file is
-    read, so overriding ``data_root`` alone leaves them on data/coco/.
-    """
-    opts = [f'{split}_dataloader.dataset.data_root={data_root}'
-            for split in ('train', 'val', 'test')]
-    ann = osp.join(data_root, 'annotations', 'instances_val2017.json')
-    return opts + [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
-
-
 def demo_overrides(data_root: str, checkpoint: str, args) -> list:
     """``--cfg-options`` that shrink the real config to the demo: nothing else changes."""
+    from twins_mm.demo_data.coco import coco_cfg_options
+
     scale = f'({args.width},{args.height})'
     opts = [f'model.backbone.init_cfg.checkpoint={checkpoint}',
             f'train_dataloader.batch_size={args.batch_size}',
@@ -76,7 +66,7 @@ def demo_overrides(data_root: str, checkpoint: str, args) -> list:
             'default_hooks.logger.interval=10']
     opts += [f'{split}_dataloader.num_workers={args.workers}'
              for split in ('train', 'val', 'test')]
-    return opts + coco_root_overrides(data_root)
+    return opts + coco_cfg_options(data_root)
 
 
 def run(cmd, log_path: str) -> None:

@@ -32,6 +32,13 @@ OFFICIAL = {
     ('retinanet', '3x'): dict(lr=1e-4, wd=0.05, no_decay=True, milestones=[27, 33], epochs=36),
     ('mask_rcnn', '3x'): dict(lr=1e-4, wd=0.05, no_decay=True, milestones=[27, 33], epochs=36),
 }
+# Paper Params (M), Tables 3, 4 and 8 (twins_reference.md 6.6-6.8).
+PAPER_PARAMS_M = {
+    'retinanet': dict(pcpvt_s=34.4, pcpvt_b=54.1, pcpvt_l=71.2, svt_s=34.3, svt_b=67.0,
+                      svt_l=110.9),
+    'mask_rcnn': dict(pcpvt_s=44.3, pcpvt_b=64.0, pcpvt_l=81.2, svt_s=44.0, svt_b=76.3,
+                      svt_l=119.7),
+}
 WARMUP_ITERS, WARMUP_RATIO = 500, 0.001
 MS_SHORT_SIDES = list(range(480, 801, 32))  # 480, 512, ..., 800 (11 scales)
 
@@ -98,6 +105,19 @@ def test_model_is_the_official_one(detector):
     assert pre.pad_size_divisor == 32 and pre._channel_conversion
     assert pre.mean.flatten().tolist() == pytest.approx([123.675, 116.28, 103.53])
     assert pre.std.flatten().tolist() == pytest.approx([58.395, 57.12, 57.375])
+
+
+def test_parameter_count_matches_the_paper(detector):
+    """The official dense models also carried the unused ImageNet head and final norm
+    (1000 * C3 + 1000 + 2 * C3 parameters, section 1.9), which the paper's counts include."""
+    c3 = VARIANTS[detector.variant][2][-1]
+    ours = sum(p.numel() for p in detector.model.parameters())
+    official = (ours + 1000 * c3 + 1000 + 2 * c3) / 1e6
+    paper = PAPER_PARAMS_M[detector.det][detector.variant]
+    # Paper values have one decimal; SVT-S Mask R-CNN's 44.0 is 0.2 M below the count that
+    # the same recipe gives (its RetinaNet, 34.3, matches), so it gets a wider margin.
+    tolerance = 0.25 if (detector.det, detector.variant) == ('mask_rcnn', 'svt_s') else 0.06
+    assert abs(official - paper) <= tolerance, (official, paper)
 
 
 def test_loss_and_predict_step(detector):
@@ -257,3 +277,22 @@ def check_multiscale_policy(transforms, dataset):
         sample = dataset[i % len(dataset)]
         short = min(sample['inputs'].shape[1:])
         assert min(abs(short - s) for s in MS_SHORT_SIDES) <= 1, short
+
+
+def test_metafile_lists_every_detection_config():
+    import yaml
+    with open(osp.join(REPO, 'configs', 'metafile-det.yml')) as f:
+        models = yaml.safe_load(f)['Models']
+    expected = {f'configs/{d}_twins_{v}_{s}.py' for d in DETECTORS for v in VARIANTS
+                for s in ('1x', '3x')}
+    assert {m['Config'] for m in models} == expected
+    assert len({m['Name'] for m in models}) == len(models) == 24
+    for m in models:
+        assert osp.isfile(osp.join(REPO, m['Config']))
+        family = 'mask_rcnn' if m['Name'].startswith('mask_rcnn') else 'retinanet'
+        variant = m['Name'].split('_twins_')[1][:-3]
+        assert m['Metadata']['Parameters (M)'] == PAPER_PARAMS_M[family][variant]
+        assert m['Metadata']['Epochs'] == OFFICIAL[(family, m['Name'][-2:])]['epochs']
+        tasks = {r['Task'] for r in m['Results']}
+        assert tasks == ({'Object Detection', 'Instance Segmentation'}
+                         if family == 'mask_rcnn' else {'Object Detection'})

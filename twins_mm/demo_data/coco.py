@@ -150,3 +150,15 @@ def make_coco(root: str, num_train: int = 96, num_val: int = 24, seed: int = 0,
         with open(osp.join(root, 'annotations', f'instances_{split}2017.json'), 'w') as f:
             json.dump(data, f)
     return root
+
+
+def coco_cfg_options(data_root: str) -> List[str]:
+    """``--cfg-options`` that point an mmdet COCO config at the dataset under ``data_root``.
+
+    mmdet's COCO bases join ``data_root`` into the evaluators' ``ann_file`` when the config is
+    read, so overriding ``data_root`` alone would leave them on data/coco/.
+    """
+    opts = [f'{split}_dataloader.dataset.data_root={data_root}'
+            for split in ('train', 'val', 'test')]
+    ann = osp.join(data_root, 'annotations', 'instances_val2017.json')
+    return opts + [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']

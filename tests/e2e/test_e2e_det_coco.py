@@ -1,0 +1,144 @@
+"""End to end (slow): tools/train.py, tools/test.py and tools/dist_train.sh in subprocesses,
+on demo COCO at a small scale with the real detection configs."""
+import glob
+import json
+import os
+import os.path as osp
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from twins_mm.demo_data.coco import coco_cfg_options, make_coco
+from twins_mm.testing import official_state_dict
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+RETINANET = 'configs/retinanet_twins_svt_s_1x.py'
+MASK_RCNN = 'configs/mask_rcnn_twins_svt_s_1x.py'
+NUM_TRAIN = 4  # all with objects: 2 iterations per epoch at batch 2
+TIMEOUT = 300
+
+
+@pytest.fixture(scope='module')
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp('coco_e2e')
+    data_root = make_coco(str(root / 'data'), num_train=NUM_TRAIN, num_val=2, seed=0,
+                          size=(128, 96))
+    checkpoint = str(root / 'alt_gvt_small_official.pth')
+    torch.save({'model': official_state_dict('TwinsSVT', 'small', seed=0)}, checkpoint)
+    return data_root, checkpoint
+
+
+def small_options(coco, epochs):
+    """Shrinks a real config: demo data, tiny images, few epochs, no randomness in the data
+    (no flip, no drop path) so that runs can be compared weight for weight."""
+    data_root, checkpoint = coco
+    opts = [f'model.backbone.init_cfg.checkpoint={checkpoint}',
+            'model.backbone.drop_path_rate=0.',
+            'train_dataloader.batch_size=2',
+            'train_dataloader.dataset.pipeline.2.scale=(128,96)',
+            'train_dataloader.dataset.pipeline.3.prob=0.',
+            'val_dataloader.dataset.pipeline.1.scale=(128,96)',
+            'test_dataloader.dataset.pipeline.1.scale=(128,96)',
+            f'train_cfg.max_epochs={epochs}', f'train_cfg.val_interval={epochs + 1}',
+            'param_scheduler.0.end=2', f'param_scheduler.1.end={epochs}',
+            'randomness.seed=0', 'default_hooks.logger.interval=1']
+    for split in ('train', 'val', 'test'):
+        opts += [f'{split}_dataloader.num_workers=0',
+                 f'{split}_dataloader.persistent_workers=False']
+    return opts + coco_cfg_options(data_root)
+
+
+def tool(script, *args):
+    return [sys.executable, osp.join('tools', script), *args]
+
+
+def run(cmd, **kwargs):
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT,
+                          **kwargs)
+    assert proc.returncode == 0, f'{cmd[:3]} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}'
+    return proc
+
+
+def load(path):
+    return torch.load(path, map_location='cpu')
+
+
+def coco_metrics(config, checkpoint, work_dir, coco):
+    run(tool('test.py', config, checkpoint, '--work-dir', work_dir,
+             '--cfg-options', *small_options(coco, 1)))
+    (result, ) = glob.glob(osp.join(work_dir, '*', '*.json'))
+    with open(result) as f:
+        return json.load(f)
+
+
+
+def test_retinanet_train_checkpoint_test_and_resume_after_kill(coco, tmp_path):
+    epochs = 3
+    opts = small_options(coco, epochs)
+    straight = str(tmp_path / 'straight')
+    run(tool('train.py', RETINANET, '--work-dir', straight, '--cfg-options', *opts))
+    final = osp.join(straight, f'epoch_{epochs}.pth')
+    assert sorted(os.listdir(straight)).count(f'epoch_{epochs}.pth') == 1
+
+    metrics = coco_metrics(RETINANET, final, str(tmp_path / 'test'), coco)
+    for key in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_mAP_75'):
+        assert 0. <= metrics[key] <= 1., metrics
+
+    # Kill a second run right after its first checkpoint, then resume it.
+    killed = str(tmp_path / 'killed')
+    proc = subprocess.Popen(tool('train.py', RETINANET, '--work-dir', killed,
+                                 '--cfg-options', *opts),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + TIMEOUT
+    first = osp.join(killed, 'epoch_1.pth')
+    while not osp.isfile(osp.join(killed, 'last_checkpoint')) and time.time() < deadline:
+        assert proc.poll() is None, 'training ended before its first checkpoint'
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert osp.isfile(first) and not osp.exists(osp.join(killed, f'epoch_{epochs}.pth'))
+    with open(osp.join(killed, 'last_checkpoint')) as f:
+        resumed_from = load(f.read().strip())['meta']
+    assert 1 <= resumed_from['epoch'] < epochs
+
+    run(tool('train.py', RETINANET, '--work-dir', killed, '--resume', '--cfg-options', *opts))
+    a, b = load(final), load(osp.join(killed, f'epoch_{epochs}.pth'))
+    assert a['meta']['epoch'] == b['meta']['epoch'] == epochs
+    assert a['meta']['iter'] == b['meta']['iter'] == epochs * NUM_TRAIN // 2
+    # Same weights, optimiser moments and schedule as the uninterrupted run.
+    for key, value in a['state_dict'].items():
+        torch.testing.assert_close(b['state_dict'][key], value, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f'{key}: {m}')
+    steps = {s['step'].item() for s in b['optimizer']['state'].values()}
+    assert steps == {float(epochs * NUM_TRAIN // 2)}
+    exp_avg = [s['exp_avg'] for s in a['optimizer']['state'].values()]
+    for x, y in zip(exp_avg, [s['exp_avg'] for s in b['optimizer']['state'].values()]):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-7)
+    assert a['param_schedulers'] == b['param_schedulers']
+
+
+def test_mask_rcnn_train_and_test_bbox_and_segm(coco, tmp_path):
+    work_dir = str(tmp_path / 'train')
+    run(tool('train.py', MASK_RCNN, '--work-dir', work_dir,
+             '--cfg-options', *small_options(coco, 1)))
+    metrics = coco_metrics(MASK_RCNN, osp.join(work_dir, 'epoch_1.pth'),
+                           str(tmp_path / 'test'), coco)
+    for task in ('bbox', 'segm'):
+        assert 0. <= metrics[f'coco/{task}_mAP'] <= 1., metrics
+
+
+def test_distributed_two_gloo_processes(coco, tmp_path):
+    """tools/dist_train.sh with 2 CPU processes: the 4 images are split between the ranks,
+    so an epoch is 1 iteration of 2 x 2 images instead of 2 iterations."""
+    work_dir = str(tmp_path / 'dist')
+    env = dict(os.environ, PORT=str(29500 + os.getpid() % 1000), OMP_NUM_THREADS='1')
+    run(['bash', osp.join('tools', 'dist_train.sh'), RETINANET, '2', '--work-dir', work_dir,
+         '--cfg-options', *small_options(coco, 2)], env=env)
+    ckpt = load(osp.join(work_dir, 'epoch_2.pth'))
+    assert ckpt['meta']['epoch'] == 2 and ckpt['meta']['iter'] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values())
