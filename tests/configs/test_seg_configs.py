@@ -21,6 +21,13 @@ WIDTHS = {'pcpvt_s': [64, 128, 320, 512], 'pcpvt_b': [64, 128, 320, 512],
 DROP_PATH = {'pcpvt_s': 0.2, 'pcpvt_b': 0.2, 'pcpvt_l': 0.2, 'svt_s': 0.2, 'svt_b': 0.2,
              'svt_l': 0.3}
 UPERNET_IMAGES_PER_GPU = {'pcpvt_s': 4}  # 2 for the other five
+# Paper Table 2 parameters (M), reference 6.3. They include the ImageNet head and final
+# norm the official dense code builds but never uses (reference 1.9): 1000*C3 + 1000 + 2*C3.
+PAPER_PARAMS_M = {
+    'fpn': {'pcpvt_s': 28.4, 'pcpvt_b': 48.1, 'pcpvt_l': 65.3, 'svt_s': 28.3, 'svt_b': 60.4,
+            'svt_l': 103.7},
+    'upernet': {'pcpvt_s': 54.6, 'pcpvt_b': 74.3, 'pcpvt_l': 91.5, 'svt_s': 54.4,
+                'svt_b': 88.5, 'svt_l': 133}}
 FAMILY = {'pcpvt': ('TwinsPCPVT', 'pos_block'), 'svt': ('TwinsSVT', 'pos_block')}
 ARCH = {'s': 'small', 'b': 'base', 'l': 'large'}
 
@@ -114,6 +121,13 @@ class TestSegConfig:
             assert (aux.in_index, aux.in_channels, aux.channels) == (2, widths[2], 256)
             assert aux.loss_decode.loss_weight == pytest.approx(0.4)
 
+    def test_parameter_count_matches_the_paper(self, built):
+        c3 = WIDTHS[built.variant][3]
+        unused_classifier = 1000 * c3 + 1000 + 2 * c3
+        ours = sum(p.numel() for p in built.model.parameters()) + unused_classifier
+        # The paper rounds to 3 significant digits (133 M for 133.8 M).
+        assert ours / 1e6 == pytest.approx(PAPER_PARAMS_M[built.head][built.variant], rel=0.01)
+
     def test_optimizer_schedule_and_loop(self, built):
         cfg, model = built.cfg, built.model
         wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
@@ -177,3 +191,21 @@ class TestSegConfig:
             assert sample.pred_sem_seg.data.shape == (1, SIZE, SIZE)
             assert 0 <= int(sample.pred_sem_seg.data.min()) <= \
                 int(sample.pred_sem_seg.data.max()) < 150
+
+
+def test_metafile_and_model_index_list_the_twelve_configs():
+    import yaml
+    with open(osp.join(REPO, 'model-index.yml')) as f:
+        assert 'configs/metafile-seg.yml' in yaml.safe_load(f)['Import']
+    with open(osp.join(REPO, 'configs', 'metafile-seg.yml')) as f:
+        models = yaml.safe_load(f)['Models']
+    listed = {m['Config'] for m in models}
+    expected = {osp.relpath(config_path(h, v), REPO) for h, v in CONFIGS}
+    assert listed == expected and len(models) == 12
+    assert len({m['Name'] for m in models}) == 12
+    for model in models:
+        head = 'fpn' if model['In Collection'] == 'FPN' else 'upernet'
+        variant = model['Name'].split('_twins_')[1].rsplit('_', 1)[0]
+        assert model['Metadata']['Parameters'] == pytest.approx(
+            PAPER_PARAMS_M[head][variant] * 1e6)
+        assert ('mIoU(ms+flip)' in model['Results']['Metrics']) == (head == 'upernet')
