@@ -209,3 +209,25 @@ def test_metafile_and_model_index_list_the_twelve_configs():
         assert model['Metadata']['Parameters'] == pytest.approx(
             PAPER_PARAMS_M[head][variant] * 1e6)
         assert ('mIoU(ms+flip)' in model['Results']['Metrics']) == (head == 'upernet')
+
+
+@pytest.mark.parametrize('head', ['fpn', 'upernet'])
+def test_tta_pipeline_is_the_official_multi_scale_flip_test(head, tmp_path):
+    """``--tta``: ratios 0.5..1.75 of the (2048, 512) test scale, each with and without a
+    horizontal flip (reference 4.1), run through mmseg's transforms on a demo image."""
+    from mmcv.transforms import Compose
+
+    from twins_mm.demo_data.ade20k import make_ade20k
+    cfg = Config.fromfile(config_path(head, 'svt_s'))
+    init_default_scope('mmseg')
+    assert cfg.tta_model.type == 'SegTTAModel'
+    root = make_ade20k(str(tmp_path), num_train=1, num_val=1, size=128)
+    results = Compose(cfg.tta_pipeline)(dict(
+        img_path=osp.join(root, 'images', 'validation', 'ADE_val_00000001.jpg'),
+        seg_map_path=osp.join(root, 'annotations', 'validation', 'ADE_val_00000001.png'),
+        reduce_zero_label=True, seg_fields=[]))
+    views = sorted((tuple(i.shape[1:]), s.flip) for i, s in
+                   zip(results['inputs'], results['data_samples']))
+    # A 128x128 image fits (2048r, 512r) at side 512r.
+    expected = sorted((int(512 * r),) * 2 for r in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75))
+    assert views == sorted((size, flip) for size in expected for flip in (False, True))

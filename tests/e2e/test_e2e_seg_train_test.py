@@ -145,3 +145,28 @@ def test_resume_after_kill_continues_with_the_state_it_had(ws, uninterrupted):
     for a, b in zip(exp_avg, ref_avg):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
     assert final['param_schedulers'] == reference['param_schedulers']
+
+
+def test_test_with_tta(ws, uninterrupted):
+    """``--tta`` wraps the model in SegTTAModel and tests multi-scale + flip (the config's
+    scales are shrunk with the image size, as the other sizes are)."""
+    config = osp.join(ws['root'], 'tta_config.py')
+    with open(config, 'w') as f:
+        f.write(f"_base_ = [{ws['probe_config']!r}]\n"
+                "tta_pipeline = [dict(type='LoadImageFromFile'), dict(type='TestTimeAug',\n"
+                "    transforms=[[dict(type='Resize', scale=(int(256 * r), int(64 * r)),\n"
+                "                      keep_ratio=True) for r in (0.5, 1.0, 1.5)],\n"
+                "                [dict(type='RandomFlip', prob=0.), dict(type='RandomFlip',\n"
+                "                                                        prob=1.)],\n"
+                "                [dict(type='LoadAnnotations')], [dict(type='PackSegInputs')]])]\n")
+    out = osp.join(ws['root'], 'tta')
+    proc = run_tool(['tools/test.py', config,
+                     osp.join(uninterrupted['work_dir'], f'iter_{ITERS}.pth'), '--tta',
+                     '--work-dir', out, '--cfg-options', *small_run_options(ws, ITERS, EVERY)])
+    [metrics_file] = glob.glob(osp.join(out, '*', '*.json'))
+    with open(metrics_file) as f:
+        assert 0 <= json.load(f)['mIoU'] <= 100
+    [log] = glob.glob(osp.join(out, '*', '*.log'))
+    with open(log) as f:
+        assert "type='SegTTAModel'" in f.read()
+    assert proc.returncode == 0
