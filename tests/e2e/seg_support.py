@@ -29,14 +29,20 @@ def make_workspace(root: str) -> dict:
                             size=SIZE, seed=0)
     pretrained = osp.join(root, 'fake_imagenet_svt_s.pth')
     torch.save({'model': official_state_dict('TwinsSVT', 'small')}, pretrained)
-    probe_config = osp.join(root, 'probe_config.py')
-    with open(probe_config, 'w') as f:
-        f.write(f"_base_ = [{CONFIG!r}]\n"
-                "custom_imports = dict(imports=['twins_mm', 'tests.e2e.loss_probe'],\n"
-                "                      allow_failed_imports=False)\n"
-                "custom_hooks = [dict(type='GlobalLossProbeHook', out_file=None)]\n")
+    probe_config = derived_config(
+        osp.join(root, 'probe_config.py'), CONFIG,
+        "custom_imports = dict(imports=['twins_mm', 'tests.e2e.loss_probe'],\n"
+        "                      allow_failed_imports=False)\n"
+        "custom_hooks = [dict(type='GlobalLossProbeHook', out_file=None)]\n")
     return dict(root=root, data_root=data_root, pretrained=pretrained,
                 probe_config=probe_config)
+
+
+def derived_config(path: str, base: str, body: str) -> str:
+    """Writes a config that inherits ``base`` and adds ``body``; returns its path."""
+    with open(path, 'w') as f:
+        f.write(f'_base_ = [{base!r}]\n' + body)
+    return path
 
 
 def small_run_options(ws: dict, iters: int, checkpoint_every: int, batch: int = 2,

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from tests.e2e.seg_support import (REPO, make_workspace, read_losses, run_tool,
+from tests.e2e.seg_support import (REPO, derived_config, make_workspace, read_losses, run_tool,
                                    small_run_options, tool_env)
 
 ITERS = 4
@@ -33,16 +33,14 @@ def free_port() -> int:
 @pytest.fixture(scope='module')
 def ws(tmp_path_factory):
     ws = make_workspace(str(tmp_path_factory.mktemp('seg_dist')))
-    config = osp.join(ws['root'], 'dist_config.py')
-    with open(config, 'w') as f:
-        f.write(f"_base_ = [{ws['probe_config']!r}]\n"
-                "model = dict(decode_head=dict(\n"
-                "    norm_cfg=dict(type='GN', num_groups=32, requires_grad=True)))\n"
-                "train_dataloader = dict(dataset=dict(pipeline=[\n"
-                "    dict(type='LoadImageFromFile'),\n"
-                "    dict(type='LoadAnnotations', reduce_zero_label=True),\n"
-                "    dict(type='PackSegInputs')]))\n")
-    ws['dist_config'] = config
+    ws['dist_config'] = derived_config(
+        osp.join(ws['root'], 'dist_config.py'), ws['probe_config'],
+        "model = dict(decode_head=dict(\n"
+        "    norm_cfg=dict(type='GN', num_groups=32, requires_grad=True)))\n"
+        "train_dataloader = dict(dataset=dict(pipeline=[\n"
+        "    dict(type='LoadImageFromFile'),\n"
+        "    dict(type='LoadAnnotations', reduce_zero_label=True),\n"
+        "    dict(type='PackSegInputs')]))\n")
     return ws
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.e2e.seg_support import (NUM_VAL, REPO, make_workspace, read_losses, run_tool,
-                                   small_run_options, tool_env)
+from tests.e2e.seg_support import (NUM_VAL, REPO, derived_config, make_workspace, read_losses,
+                                   run_tool, small_run_options, tool_env)
 
 ITERS, EVERY = 6, 2
 
@@ -150,15 +150,13 @@ def test_resume_after_kill_continues_with_the_state_it_had(ws, uninterrupted):
 def test_test_with_tta(ws, uninterrupted):
     """``--tta`` wraps the model in SegTTAModel and tests multi-scale + flip (the config's
     scales are shrunk with the image size, as the other sizes are)."""
-    config = osp.join(ws['root'], 'tta_config.py')
-    with open(config, 'w') as f:
-        f.write(f"_base_ = [{ws['probe_config']!r}]\n"
-                "tta_pipeline = [dict(type='LoadImageFromFile'), dict(type='TestTimeAug',\n"
-                "    transforms=[[dict(type='Resize', scale=(int(256 * r), int(64 * r)),\n"
-                "                      keep_ratio=True) for r in (0.5, 1.0, 1.5)],\n"
-                "                [dict(type='RandomFlip', prob=0.), dict(type='RandomFlip',\n"
-                "                                                        prob=1.)],\n"
-                "                [dict(type='LoadAnnotations')], [dict(type='PackSegInputs')]])]\n")
+    config = derived_config(
+        osp.join(ws['root'], 'tta_config.py'), ws['probe_config'],
+        "tta_pipeline = [dict(type='LoadImageFromFile'), dict(type='TestTimeAug',\n"
+        "    transforms=[[dict(type='Resize', scale=(int(256 * r), int(64 * r)),\n"
+        "                      keep_ratio=True) for r in (0.5, 1.0, 1.5)],\n"
+        "                [dict(type='RandomFlip', prob=0.), dict(type='RandomFlip', prob=1.)],\n"
+        "                [dict(type='LoadAnnotations')], [dict(type='PackSegInputs')]])]\n")
     out = osp.join(ws['root'], 'tta')
     proc = run_tool(['tools/test.py', config,
                      osp.join(uninterrupted['work_dir'], f'iter_{ITERS}.pth'), '--tta',
