@@ -101,3 +101,23 @@ def test_recipe_channels_match_the_backbone(tmp_path, name):
     feats = model.backbone(torch.zeros(1, 3, 64, 64))
     reader = cfg.model.get('neck') or cfg.model.decode_head
     assert [f.shape[1] for f in feats] == list(reader.in_channels)
+
+
+def test_documented_cpu_variant_of_the_amp_config(tmp_path):
+    """docs/detection.md's CPU note: the inheriting config swaps AmpOptimWrapper (which
+    needs a GPU) for OptimWrapper and keeps the optimiser and the no-decay rules."""
+    text = recipe_configs()['mask_rcnn_twins_svt_s_3x_cpu.py']
+    amp_path = osp.join(REPO, 'configs', 'mask_rcnn_twins_svt_s_3x.py')
+    path = tmp_path / 'mask_rcnn_twins_svt_s_3x_cpu.py'
+    path.write_text(text.replace("'./mask_rcnn_twins_svt_s_3x.py'", repr(amp_path)))
+    cpu, amp = Config.fromfile(str(path)), Config.fromfile(amp_path)
+    assert amp.optim_wrapper.type == 'AmpOptimWrapper'
+    assert cpu.optim_wrapper.to_dict() == dict(
+        type='OptimWrapper', optimizer=amp.optim_wrapper.optimizer.to_dict(),
+        paramwise_cfg=amp.optim_wrapper.paramwise_cfg.to_dict())
+    assert cpu.model.to_dict() == amp.model.to_dict()
+    init_default_scope('mmdet')
+    wrapper = build_optim_wrapper(torch.nn.ModuleDict({'norm': torch.nn.LayerNorm(4)}),
+                                  cpu.optim_wrapper)
+    assert type(wrapper).__name__ == 'OptimWrapper'
+    assert wrapper.optimizer.param_groups[0]['weight_decay'] == 0.  # the 'norm' rule
