@@ -223,7 +223,7 @@ def print_table(rows: List[dict], title: str):
 
 
 def ratio(a, b):
-    return None if a is None or b is None else round(a / b, 3)
+    return None if a is None or b is None else f'{a / b:.2f}'
 
 
 def bench_arch(arch: str, args, peak: float) -> List[dict]:
@@ -268,7 +268,7 @@ def bench_arch(arch: str, args, peak: float) -> List[dict]:
         for col in (3, 6, 8):
             r[col + (2 if col == 3 else 1)] = ratio(r.get(col), ref.get(col))
     for r in rows[2:]:
-        r[0] = f'{r[0]} (x = ours/swin: {ratio(rows[0][3], r[3])})'
+        r[0] = f'{r[0]} (ours/swin: {ratio(rows[0][3], r[3])})'
     return rows
 
 

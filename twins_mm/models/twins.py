@@ -51,14 +51,16 @@ def _exporting() -> bool:
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
-_MKLDNN_LINEAR = getattr(torch.ops.mkldnn, '_linear_pointwise', None)
+_MKLDNN_LINEAR = (getattr(torch.ops.mkldnn, '_linear_pointwise', None)
+                  if torch.backends.mkldnn.is_available() else None)
 
 
 def _use_fused_cpu_kernels(x: torch.Tensor) -> bool:
     """oneDNN's fused linear kernels have no autograd: inference only, fp32 CPU, eager."""
-    return (_MKLDNN_LINEAR is not None and not torch.is_grad_enabled()
-            and x.device.type == 'cpu' and x.dtype == torch.float32
-            and torch.backends.mkldnn.is_available() and not _graph_capture())
+    # Graph capture first: tracers must not see the eager-only checks after it.
+    return (not _graph_capture() and _MKLDNN_LINEAR is not None
+            and not torch.is_grad_enabled() and x.device.type == 'cpu'
+            and x.dtype == torch.float32)
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False,
@@ -194,6 +196,41 @@ class LocallyGroupedAttention(nn.Module):
         return linear(out, self.proj, residual=residual)
 
 
+class _GeluMlpFunction(torch.autograd.Function):
+    """``fc2(GELU(fc1(x)))`` that saves fc1's output but not GELU's, for backward.
+
+    Autograd would keep both hidden-width tensors (4C or 8C wide, the largest activations
+    of a block); GELU is cheap to recompute from fc1's output, so training needs one
+    hidden tensor per block less memory at the cost of one elementwise pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        h = F.linear(x, w1, b1)
+        ctx.save_for_backward(x, h, w1, w2)
+        return F.linear(F.gelu(h), w2, b2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dw2 = db2 = dx = dw1 = db1 = None
+        if need_w2:
+            dw2 = dy2.t() @ F.gelu(h).reshape(-1, h.shape[-1])
+        if need_b2:
+            db2 = dy2.sum(0)
+        if need_x or need_w1 or need_b1:
+            dh = torch.ops.aten.gelu_backward(dy @ w2, h).reshape(-1, h.shape[-1])
+            if need_w1:
+                dw1 = dh.t() @ x.reshape(-1, x.shape[-1])
+            if need_b1:
+                db1 = dh.sum(0)
+            if need_x:
+                dx = (dh @ w1).reshape(x.shape)
+        return dx, dw1, db1, dw2, db2
+
+
 class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
@@ -203,6 +240,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.is_grad_enabled() and not _graph_capture():
+            out = _GeluMlpFunction.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                                         self.fc2.bias)
+            return out if residual is None else residual + out
         return linear(linear(x, self.fc1, gelu=True), self.fc2, residual=residual)
 
 
