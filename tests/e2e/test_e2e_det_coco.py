@@ -145,7 +145,8 @@ def test_distributed_two_gloo_processes(coco, tmp_path):
     """tools/dist_train.sh with 2 CPU processes: the 4 images are split between the ranks,
     so an epoch is 1 iteration of 2 x 2 images instead of 2 iterations."""
     work_dir = str(tmp_path / 'dist')
-    env = dict(os.environ, PORT=str(29500 + os.getpid() % 1000), OMP_NUM_THREADS='1')
+    env = dict(os.environ, PORT=str(29500 + os.getpid() % 1000), OMP_NUM_THREADS='1',
+               PYTHON=sys.executable)
     run(['bash', osp.join('tools', 'dist_train.sh'), RETINANET, '2', '--work-dir', work_dir,
          '--cfg-options', *small_options(coco, 2)], env=env)
     ckpt = load(osp.join(work_dir, 'epoch_2.pth'))
