@@ -51,7 +51,9 @@ def _history_buffer_getattr(obj, name):
     ``getattr(HistoryBuffer, 'min')``. A real ``getattr`` would let a file reach any
     attribute of any object, so only those lookups are answered.
     """
-    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+    # mmengine fills _statistics_methods only when the first HistoryBuffer is created.
+    if obj is HistoryBuffer and name in ({'min', 'max', 'current', 'mean'}
+                                         | set(HistoryBuffer._statistics_methods)):
         return getattr(HistoryBuffer, name)
     owner = getattr(obj, '__qualname__', type(obj).__qualname__)
     raise pickle.UnpicklingError(
