@@ -12,19 +12,13 @@ import sys
 
 import torch
 from mmengine.config import Config, DictAction
-from mmengine.logging import HistoryBuffer, print_log
+from mmengine.logging import print_log
 from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner
 
 from twins_mm.data_check import DatasetCheckError, check_datasets
 
 SUPPORTED_SCOPES = ('mmseg', 'mmdet')
-
-# HistoryBuffer fills its class-level statistics table ('min', 'max', 'current', 'mean') in
-# __init__, and twins_mm.compat only allows getattr(HistoryBuffer, name) for names in that
-# table: a fresh process that loads a checkpoint before any HistoryBuffer exists is refused.
-# One throwaway instance registers the defaults (workaround until compat checks the names).
-HistoryBuffer()
 
 
 def add_common_args(parser) -> None:
