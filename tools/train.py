@@ -8,10 +8,10 @@ import logging
 import os.path as osp
 import sys
 
-import torch
-
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from mmengine.device import (is_cuda_available, is_mlu_available,  # noqa: E402
+                             is_musa_available, is_npu_available)
 from mmengine.logging import print_log  # noqa: E402
 
 import twins_mm  # noqa: E402,F401  (registers the backbones, safe checkpoint loading)
@@ -36,8 +36,18 @@ def parse_args(argv=None):
     return parse_with_local_rank(parser, argv)
 
 
+# What AmpOptimWrapper takes beyond OptimWrapper's arguments.
+AMP_ONLY_KEYS = ('loss_scale', 'dtype', 'use_fsdp')
+
+
+def amp_device_available() -> bool:
+    """The devices mmengine's AmpOptimWrapper accepts (it asserts one of them)."""
+    return (is_cuda_available() or is_npu_available() or is_mlu_available()
+            or is_musa_available())
+
+
 def enable_amp(cfg) -> None:
-    if not torch.cuda.is_available():
+    if not amp_device_available():
         sys.exit('error: --amp needs a GPU (mmengine\'s AmpOptimWrapper does not run on CPU); '
                  'drop --amp on this machine.')
     wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
@@ -49,6 +59,22 @@ def enable_amp(cfg) -> None:
         sys.exit(f'error: --amp needs optim_wrapper.type OptimWrapper, the config has {wrapper}.')
     cfg.optim_wrapper.type = 'AmpOptimWrapper'
     cfg.optim_wrapper.loss_scale = 'dynamic'
+
+
+def amp_config_to_fp32_without_gpu(cfg) -> None:
+    """A config with AmpOptimWrapper (the Mask R-CNN 3x ones: official fp16, loss scale 512)
+    trains in fp32 with OptimWrapper where no GPU is present, instead of failing inside
+    mmengine. The optimizer, clipping and paramwise rules are kept."""
+    wrapper = cfg.get('optim_wrapper') or {}
+    if str(wrapper.get('type', '')).split('.')[-1] != 'AmpOptimWrapper' or amp_device_available():
+        return
+    dropped = {k: wrapper.pop(k) for k in AMP_ONLY_KEYS if k in wrapper}
+    wrapper.type = 'OptimWrapper'
+    dropped = ', '.join(f'{k}={v!r}' for k, v in dropped.items()) or 'no AMP-only keys'
+    print_log('No GPU: the config asks for mixed precision (AmpOptimWrapper), which mmengine '
+              f'runs only on a GPU; training in fp32 with OptimWrapper instead (dropped '
+              f'{dropped}). Results can differ from the official fp16 training.',
+              logger='current', level=logging.WARNING)
 
 
 def enable_auto_scale_lr(cfg) -> None:
@@ -65,6 +91,7 @@ def main(argv=None):
     config_scope(cfg)
     if args.amp:
         enable_amp(cfg)
+    amp_config_to_fp32_without_gpu(cfg)
     if args.auto_scale_lr:
         enable_auto_scale_lr(cfg)
     if args.resume == 'auto':
