@@ -1,5 +1,6 @@
 """The dataset check run by tools/train.py and tools/test.py: one-line errors for missing,
 empty or inconsistent data; grayscale and RGBA images are handled (3-channel inputs)."""
+import json
 import os
 import os.path as osp
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
+from twins_mm import data_check
 from twins_mm.data_check import DatasetCheckError, check_datasets
 from twins_mm.demo_data.ade20k import make_ade20k
 
@@ -136,3 +138,70 @@ def test_train_tool_stops_with_one_line(tmp_path):
     assert last.startswith('error: train dataset (ADE20KDataset): data_root')
     assert missing in last and 'make_demo_data.py ade20k' in last
     assert not (tmp_path / 'w').exists()
+
+
+# filter_cfg of a COCO training split: the images mmdet will drop are counted up front.
+TINY_CLASSES = ('cat_a', 'cat_b')
+
+
+def tiny_coco(tmp_path, annotations, sizes=None) -> dict:
+    """Six 64x48 images (ids 1..6), categories cat_a=1, cat_b=2, cat_c=3; a train dataset cfg."""
+    sizes = sizes or {}
+    (tmp_path / 'images').mkdir(exist_ok=True)
+    coco = dict(
+        images=[dict(id=i, file_name=f'{i}.jpg', width=sizes.get(i, (64, 48))[0],
+                     height=sizes.get(i, (64, 48))[1]) for i in range(1, 7)],
+        categories=[dict(id=i + 1, name=n) for i, n in enumerate(TINY_CLASSES + ('cat_c', ))],
+        annotations=[dict(id=k, image_id=img, category_id=cat, bbox=[4, 4, w, 10], area=w * 10,
+                          iscrowd=crowd) for k, (img, cat, w, crowd) in enumerate(annotations)])
+    (tmp_path / 'ann.json').write_text(json.dumps(coco))
+    return dict(type='CocoDataset', data_root=str(tmp_path), ann_file='ann.json',
+                data_prefix=dict(img='images/'), metainfo=dict(classes=TINY_CLASSES),
+                filter_cfg=dict(filter_empty_gt=True, min_size=32), pipeline=[])
+
+
+def logged_check(monkeypatch, dataset) -> list:
+    logged = []
+    monkeypatch.setattr(data_check, 'print_log', lambda msg, **kw: logged.append(msg))
+    init_default_scope('mmdet')
+    check_datasets(Config(dict(train_dataloader=dict(dataset=dataset))), ('train', ))
+    return logged
+
+
+def test_filter_empty_gt_count_matches_mmdet(tmp_path, monkeypatch):
+    dataset = tiny_coco(tmp_path, [
+        (1, 1, 10, 0),  # a normal box of cat_a: kept
+        (2, 2, 10, 1),  # only a crowd box of cat_b: mmdet keeps it
+        (4, 3, 10, 0),  # only a category outside the dataset's classes: dropped
+        (5, 1, 0, 0),   # only a degenerate (zero-width) box of cat_a: mmdet keeps it
+        (6, 2, 10, 0),  # a box, but the image is 20x40, under min_size=32: dropped
+    ], sizes={6: (20, 40)})  # image 3 has no annotation at all: dropped
+    (message, ) = logged_check(monkeypatch, dataset)
+    assert message.startswith('train dataset (CocoDataset): 2 of 6 images in ')
+    assert "have no annotation of the dataset's classes" in message
+    assert 'filter_cfg.filter_empty_gt=True' in message
+    assert '1 image is smaller than filter_cfg.min_size=32 and dropped' in message
+    assert message.endswith('3 of 6 images remain.')
+
+    from mmdet.registry import DATASETS
+    built = DATASETS.build(dataset)
+    assert sorted(built.get_data_info(i)['img_id'] for i in range(len(built))) == [1, 2, 5]
+    coco = json.loads((tmp_path / 'ann.json').read_text())
+    counts = data_check.count_filtered_images(dataset, coco)
+    assert counts == dict(images=6, empty_gt=2, min_size=1, kept=3)
+
+
+def test_no_count_without_filter_or_in_test_mode(tmp_path, monkeypatch):
+    dataset = tiny_coco(tmp_path, [(1, 1, 10, 0)])
+    assert logged_check(monkeypatch, {**dataset, 'test_mode': True}) == []
+    assert logged_check(monkeypatch, {**dataset, 'filter_cfg': None}) == []
+    (message, ) = logged_check(monkeypatch, {**dataset, 'filter_cfg': dict(min_size=0,
+                                                                          filter_empty_gt=True)})
+    assert '5 of 6 images' in message and message.endswith('1 of 6 images remain.')
+
+
+def test_filter_that_drops_every_image_is_an_error(tmp_path, monkeypatch):
+    dataset = tiny_coco(tmp_path, [(1, 3, 10, 0)])  # only cat_c, not a dataset class
+    init_default_scope('mmdet')
+    message = one_line_error(Config(dict(train_dataloader=dict(dataset=dataset))), ('train', ))
+    assert '6 of 6 images' in message and 'no image is left to train on' in message

@@ -8,6 +8,9 @@ the command that writes demo data. Two dataset styles are understood:
 * folder style (mmseg's ``ADE20KDataset`` and friends): ``data_prefix.img_path`` and
   ``data_prefix.seg_map_path`` directories, annotation = image name with the map suffix;
 * annotation-file style (mmdet's ``CocoDataset``): ``ann_file`` plus ``data_prefix.img``.
+
+For a training COCO split with ``filter_cfg``, the number of images that mmdet's
+``CocoDataset.filter_data`` will drop is logged (and a split it would empty is an error).
 """
 import importlib
 import inspect
@@ -15,6 +18,7 @@ import json
 import os.path as osp
 from typing import Iterable, List, Optional
 
+from mmengine.logging import print_log
 from PIL import Image
 
 DEMO_COMMANDS = {
@@ -96,11 +100,61 @@ def _check_annotation_file_style(split, dataset, root) -> None:
     if osp.getsize(ann_file) <= MAX_JSON_BYTES:
         try:
             with open(ann_file) as f:
-                images = json.load(f).get('images')
+                coco = json.load(f)
+            images = coco.get('images')
         except (ValueError, AttributeError) as e:
             _fail(split, dataset, f'annotation file {ann_file!r} is not COCO JSON ({e})')
         if not images:
             _fail(split, dataset, f'annotation file {ann_file!r} lists no images (empty split)')
+        _report_filtered_images(split, dataset, ann_file, coco)
+
+
+def count_filtered_images(dataset, coco: dict) -> Optional[dict]:
+    """How many images mmdet's ``CocoDataset.filter_data`` drops, counted the same way.
+
+    With ``filter_empty_gt`` an image is kept when any annotation (crowd and degenerate boxes
+    included: mmdet uses pycocotools' category-to-image index) has a category whose name is
+    one of the dataset's classes; then images with ``min(width, height) < min_size`` go.
+    None for datasets mmdet does not filter (test mode, no ``filter_cfg``).
+    """
+    filter_cfg = dataset.get('filter_cfg') or {}
+    if dataset.get('test_mode', False) or not filter_cfg:
+        return None
+    images = coco.get('images') or []
+    total = len(images)
+    if filter_cfg.get('filter_empty_gt', False):
+        classes = _dataset_classes(dataset)
+        cat_ids = {c['id'] for c in coco.get('categories') or []
+                   if classes is None or c['name'] in classes}
+        with_gt = {a['image_id'] for a in coco.get('annotations') or []
+                   if a['category_id'] in cat_ids}
+        images = [img for img in images if img['id'] in with_gt]
+    min_size = filter_cfg.get('min_size', 0)
+    kept = [img for img in images if min(img['width'], img['height']) >= min_size]
+    return dict(images=total, empty_gt=total - len(images), min_size=len(images) - len(kept),
+                kept=len(kept))
+
+
+def _report_filtered_images(split, dataset, ann_file, coco) -> None:
+    counts = count_filtered_images(dataset, coco)
+    filter_cfg = dataset.get('filter_cfg') or {}
+    if counts is None or not (filter_cfg.get('filter_empty_gt') or counts['min_size']):
+        return
+    dropped = []
+    if filter_cfg.get('filter_empty_gt'):
+        dropped.append(f'{counts["empty_gt"]} of {counts["images"]} images in {ann_file!r} '
+                       'have no annotation of the dataset\'s classes and are dropped '
+                       '(filter_cfg.filter_empty_gt=True)')
+    if counts['min_size']:
+        n = counts['min_size']
+        dropped.append(f'{n} image{"s are" if n > 1 else " is"} smaller than filter_cfg.min_size='
+                       f'{filter_cfg["min_size"]} and dropped')
+    dropped = ', '.join(dropped)
+    if not counts['kept']:
+        _fail(split, dataset, f'{dropped}: no image is left to train on (check the category '
+              'names against metainfo.classes, or relax filter_cfg)')
+    print_log(f'{split} dataset ({dataset.get("type")}): {dropped}; {counts["kept"]} of '
+              f'{counts["images"]} images remain.', logger='current')
 
 
 def _check_folder_style(split, dataset, root) -> None:
