@@ -63,6 +63,9 @@ def test_missing_coco_for_the_detection_example(tmp_path):
     message = one_line_error(cfg)
     assert missing in message and 'COCO layout' in message
     assert 'python tools/make_demo_data.py coco' in message
+    # pointing the config at other data also needs the evaluators' ann_file
+    for split in ('val', 'test'):
+        assert f'{split}_evaluator.ann_file=PATH/annotations/instances_val2017.json' in message
 
 
 def test_empty_split(data_root):

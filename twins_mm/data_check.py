@@ -65,12 +65,21 @@ def _style(dataset) -> str:
     return 'coco' if dataset.get('ann_file') else 'ade20k'
 
 
+def _override_hint(split: str, style: str) -> str:
+    if style == 'coco':
+        # mmdet's COCO bases join data_root into the evaluators' ann_file when the config is
+        # read: pointing a config at other data needs both.
+        from twins_mm.demo_data.coco import coco_cfg_options
+        return ('point every split and the evaluators at your data with `--cfg-options '
+                f'{" ".join(coco_cfg_options("PATH"))}`')
+    return f'set data_root (e.g. `--cfg-options {split}_dataloader.dataset.data_root=PATH`)'
+
+
 def _fail(split: str, dataset, problem: str) -> None:
     style = _style(dataset)
     raise DatasetCheckError(
         f'{split} dataset ({dataset.get("type")}): {problem}. Expected the {LAYOUTS[style]}. '
-        f'Make demo data with `{DEMO_COMMANDS[style]}` or set data_root (e.g. '
-        f'--cfg-options {split}_dataloader.dataset.data_root=PATH).')
+        f'Make demo data with `{DEMO_COMMANDS[style]}` or {_override_hint(split, style)}.')
 
 
 def _join(root: Optional[str], path: Optional[str]) -> str:

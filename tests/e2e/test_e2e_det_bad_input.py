@@ -4,6 +4,7 @@ the image are handled the way mmdet's COCO pipeline defines, and checked here.""
 import json
 import os
 import os.path as osp
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 from mmdet.registry import DATASETS
+from twins_mm.data_check import check_datasets
 from twins_mm.demo_data.coco import coco_cfg_options, make_coco
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -49,11 +51,24 @@ def train_error(root):
     return lines[0]
 
 
-def test_missing_annotation_file(coco):
+def test_missing_annotation_file(coco, tmp_path):
     missing = ann_path(coco)
     os.remove(missing)
     line = train_error(coco)
     assert missing in line and 'tools/make_demo_data.py coco' in line
+
+    # The hint's --cfg-options (data roots and the evaluators' ann_file) point the config at
+    # a user's own dataset: every split passes the check and the evaluators read its files.
+    (opts, ) = re.findall(r'`--cfg-options ([^`]*)`', line)
+    assert 'val_evaluator.ann_file=PATH/' in opts and 'test_evaluator.ann_file=PATH/' in opts
+    own = make_coco(str(tmp_path / 'own'), num_train=2, num_val=1, seed=1, size=SIZE)
+    cfg = Config.fromfile(osp.join(REPO, CONFIG))
+    cfg.merge_from_dict(dict(o.replace('PATH', own).split('=', 1) for o in opts.split()))
+    init_default_scope('mmdet')
+    check_datasets(cfg, ('train', 'val', 'test'))
+    for split in ('val', 'test'):
+        assert cfg[f'{split}_evaluator'].ann_file == ann_path(own, 'val')
+        assert cfg[f'{split}_dataloader'].dataset.data_root == own
 
 
 def test_annotation_file_without_images(coco):
