@@ -197,7 +197,39 @@ def test_with_cp_same_outputs_and_gradients():
 
 def test_drop_path_linear_schedule():
     model = twins_mm.TwinsSVT('small', drop_path_rate=0.2)
-    rates = [b.drop_path.drop_prob if hasattr(b.drop_path, 'drop_prob') else 0.0
-             for s in model.blocks for b in s]
+    rates = [b.drop_path.drop_prob for s in model.blocks for b in s]
     expected = torch.linspace(0, 0.2, 18).tolist()
     assert rates == pytest.approx(expected)
+
+
+@pytest.mark.parametrize('keep', [[True, True, True], [True, False, True], [False, False, False]])
+def test_stochastic_depth_skips_dropped_samples_exactly(keep):
+    """Same outputs and gradients as the multiply-by-mask form, for the same draw."""
+    torch.manual_seed(0)
+    block = twins_mm.models.twins.TwinsBlock(
+        twins_mm.models.twins.LocallyGroupedAttention(32, 2, 7), 32, 4, drop_path=0.25).train()
+    block.drop_path.draw_keep = lambda batch: torch.tensor(keep)
+    x = torch.randn(3, 9, 11, 32, requires_grad=True)
+    out = block(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *block.parameters()], allow_unused=True)
+
+    weight = torch.tensor(keep, dtype=torch.float32).view(3, 1, 1, 1) / 0.75
+    ref = x + block.attn(block.norm1(x)) * weight
+    ref = ref + block.mlp(block.norm2(ref)) * weight
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *block.parameters()])
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        # every parameter gets a gradient (DDP without find_unused_parameters needs it)
+        assert g is not None
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_stochastic_depth_keeps_samples_at_the_right_rate():
+    depth = twins_mm.models.twins.StochasticDepth(0.3).train()
+    torch.manual_seed(0)
+    kept = torch.stack([depth.draw_keep(4) for _ in range(5000)]).float().mean().item()
+    assert abs(kept - 0.7) < 0.01
+    # eval mode and rate 0 leave the branch on: output = x + branch(x)
+    x = torch.randn(2, 3)
+    branch = lambda t, residual=None: (residual if residual is not None else 0) + 2 * t  # noqa
+    assert torch.equal(depth.eval()(x, branch), 3 * x)

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from mmcv.cnn.bricks import DropPath
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import constant_init, normal_init, trunc_normal_init
 
@@ -173,27 +172,134 @@ class LocallyGroupedAttention(nn.Module):
         # Projecting before padding costs fewer FLOPs; padded keys are masked and padded
         # queries cropped, so what they hold never reaches a real token.
         qkv = linear(x, self.qkv)
-        # Window counts first, pads from them: the padded side is then nh * ws by
-        # construction, which symbolic (dynamic-shape) tracing can prove.
-        nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws
-        pad_r, pad_b = nw * ws - W, nh * ws - H
         # An exported graph must serve every size, so it always pads and masks (both are
-        # no-ops on whole windows); eager skips them when the map is whole windows.
-        padded = _exporting() or pad_r > 0 or pad_b > 0
-        if padded:
-            qkv = F.pad(qkv, (0, 0, 0, pad_r, 0, pad_b))
-        qkv = qkv.reshape(B, nh, ws, nw, ws, 3, heads, C // heads)
-        q, k, v = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(
-            3, B * nh * nw, heads, ws * ws, C // heads).unbind(0)
+        # no-ops on whole windows); otherwise only maps that are not whole windows need them.
+        padded = _exporting() or H % ws > 0 or W % ws > 0
+        if _graph_capture():
+            q, k, v = self._windows_traceable(qkv)
+        else:
+            q, k, v = _ToWindows.apply(qkv, ws, heads).unbind(0)
         mask = None
         if padded:
             mask = self.window_key_mask(H, W, ws, x.device).repeat(B, 1, 1, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.reshape(B, nh, nw, heads, ws, ws, C // heads).permute(0, 1, 4, 2, 5, 3, 6)
-        out = out.reshape(B, nh * ws, nw * ws, C)
-        if padded:
-            out = out[:, :H, :W]
+        if _graph_capture():
+            out = self._merge_windows_traceable(out, B, H, W)
+        else:
+            out = _FromWindows.apply(out, B, H, W, ws)
         return linear(out, self.proj, residual=residual)
+
+    def _windows_traceable(self, qkv: torch.Tensor):
+        B, H, W, C3 = qkv.shape
+        ws, heads = self.window_size, self.num_heads
+        # Window counts first, pads from them: the padded side is then nh * ws by
+        # construction, which symbolic (dynamic-shape) tracing can prove.
+        nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws
+        qkv = F.pad(qkv, (0, 0, 0, nw * ws - W, 0, nh * ws - H))
+        qkv = qkv.reshape(B, nh, ws, nw, ws, 3, heads, C3 // (3 * heads))
+        return qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(
+            3, B * nh * nw, heads, ws * ws, C3 // (3 * heads)).unbind(0)
+
+    def _merge_windows_traceable(self, out: torch.Tensor, B: int, H: int, W: int):
+        ws = self.window_size
+        _, heads, _, d = out.shape
+        nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws
+        out = out.reshape(B, nh, nw, heads, ws, ws, d).permute(0, 1, 4, 2, 5, 3, 6)
+        return out.reshape(B, nh * ws, nw * ws, heads * d)[:, :H, :W]
+
+
+def _window_parts(n: int, ws: int):
+    """Splits a side of n tokens into its whole windows and the last, partial one.
+
+    Yields (window index, in-window slice, map slice, split shape): indexing the windowed
+    view with the first two and the map with the third selects the same tokens, and the
+    map part reshaped to the split shape lines up with the windowed part.
+    """
+    full, rest = divmod(n, ws)
+    if full:
+        yield slice(0, full), slice(None), slice(0, full * ws), (full, ws)
+    if rest:
+        yield full, slice(0, rest), slice(full * ws, n), (rest, )
+
+
+def _scatter_to_windows(src: torch.Tensor, dst: torch.Tensor, ws: int) -> None:
+    """Copies a (B, H, W, *tail) map into a (B, nh, ws, nw, ws, *tail) windowed view.
+
+    One pass: every token goes straight to its window slot and only the pad slots are
+    zeroed (F.pad + permute would fill the whole padded map, then copy it twice).
+    """
+    B, H, W = src.shape[:3]
+    tail = src.shape[3:]
+    for ri, rin, rows, rshape in _window_parts(H, ws):
+        for ci, cin, cols, cshape in _window_parts(W, ws):
+            dst[:, ri, rin, ci, cin].copy_(src[:, rows, cols].reshape(B, *rshape, *cshape, *tail))
+    if H % ws:
+        dst[:, -1, H % ws:].zero_()
+    if W % ws:
+        dst[:, :, :, -1, W % ws:].zero_()
+
+
+def _gather_from_windows(src: torch.Tensor, dst: torch.Tensor, ws: int) -> None:
+    """The inverse: (B, nh, ws, nw, ws, *tail) windowed view -> (B, H, W, *tail) map."""
+    B, H, W = dst.shape[:3]
+    tail = dst.shape[3:]
+    for ri, rin, rows, rshape in _window_parts(H, ws):
+        for ci, cin, cols, cshape in _window_parts(W, ws):
+            dst[:, rows, cols].view(B, *rshape, *cshape, *tail).copy_(src[:, ri, rin, ci, cin])
+
+
+# Windowed layouts seen as (B, nh, ws, nw, ws, ...) maps: q/k/v windows are
+# (3, B, nh, nw, heads, ws, ws, d), attention output windows (B, nh, nw, heads, ws, ws, d).
+_QKV_WINDOWS_AS_MAP = (1, 2, 5, 3, 6, 0, 4, 7)
+_OUT_WINDOWS_AS_MAP = (0, 1, 4, 2, 5, 3, 6)
+
+
+class _ToWindows(torch.autograd.Function):
+    """(B, H, W, 3 * C) q/k/v map -> (3, B * windows, heads, ws * ws, d), zero-padded.
+
+    Its own backward (the inverse gather): autograd through in-place copies into views
+    would clone the whole gradient once per copy.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, ws: int, heads: int) -> torch.Tensor:
+        B, H, W, C3 = qkv.shape
+        d = C3 // (3 * heads)
+        nh, nw = -(-H // ws), -(-W // ws)
+        ctx.shape, ctx.ws = (B, H, W, nh, nw, heads, d), ws
+        out = qkv.new_empty(3, B, nh, nw, heads, ws, ws, d)
+        _scatter_to_windows(qkv.view(B, H, W, 3, heads, d), out.permute(_QKV_WINDOWS_AS_MAP), ws)
+        return out.view(3, B * nh * nw, heads, ws * ws, d)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (B, H, W, nh, nw, heads, d), ws = ctx.shape, ctx.ws
+        windows = grad.reshape(3, B, nh, nw, heads, ws, ws, d).permute(_QKV_WINDOWS_AS_MAP)
+        dqkv = grad.new_empty(B, H, W, 3, heads, d)
+        _gather_from_windows(windows, dqkv, ws)
+        return dqkv.view(B, H, W, 3 * heads * d), None, None
+
+
+class _FromWindows(torch.autograd.Function):
+    """(B * windows, heads, ws * ws, d) attention output -> (B, H, W, C), padding dropped."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, B: int, H: int, W: int, ws: int) -> torch.Tensor:
+        _, heads, _, d = out.shape
+        nh, nw = -(-H // ws), -(-W // ws)
+        ctx.shape, ctx.ws = (B, H, W, nh, nw, heads, d), ws
+        merged = out.new_empty(B, H, W, heads, d)
+        _gather_from_windows(out.view(B, nh, nw, heads, ws, ws, d).permute(_OUT_WINDOWS_AS_MAP),
+                             merged, ws)
+        return merged.view(B, H, W, heads * d)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (B, H, W, nh, nw, heads, d), ws = ctx.shape, ctx.ws
+        windows = grad.new_empty(B, nh, nw, heads, ws, ws, d)
+        _scatter_to_windows(grad.reshape(B, H, W, heads, d),
+                            windows.permute(_OUT_WINDOWS_AS_MAP), ws)
+        return windows.view(B * nh * nw, heads, ws * ws, d), None, None, None, None
 
 
 class _GeluMlpFunction(torch.autograd.Function):
@@ -247,8 +353,45 @@ class Mlp(nn.Module):
         return linear(linear(x, self.fc1, gelu=True), self.fc2, residual=residual)
 
 
+class StochasticDepth(nn.Module):
+    """Per-sample stochastic depth of one residual branch: ``x + branch(x) / keep_prob`` for
+    kept samples, ``x`` for dropped ones.
+
+    Dropped samples skip the branch entirely (the "skip" of the stochastic depth paper),
+    where DropPath modules compute the branch for the whole batch and multiply it by zero:
+    same outputs and gradients for the same draw, about ``drop_prob`` of the branch's
+    compute and activation memory saved.
+    """
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def draw_keep(self, batch: int) -> torch.Tensor:
+        # Drawn on the CPU: choosing the kept samples then needs no device synchronisation.
+        return torch.rand(batch) >= self.drop_prob
+
+    def forward(self, x: torch.Tensor, branch) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0:
+            return branch(x, residual=x)
+        scale = 1. / (1. - self.drop_prob)
+        keep = self.draw_keep(x.shape[0])
+        if _graph_capture():  # no data-dependent shapes in a graph: the multiply form
+            weight = keep.to(x.device, x.dtype).mul_(scale).view(-1, *[1] * (x.dim() - 1))
+            return x + branch(x) * weight
+        kept = keep.nonzero().flatten()
+        if len(kept) == len(keep):
+            return torch.add(x, branch(x), alpha=scale)
+        if len(kept) == 0:
+            # Every parameter must still get a (zero) gradient, or DDP without
+            # find_unused_parameters fails: one sample, added with weight 0.
+            kept, scale = kept.new_zeros(1), 0.
+        kept = kept.to(x.device)
+        return x.index_add(0, kept, branch(x.index_select(0, kept)), alpha=scale)
+
+
 class TwinsBlock(nn.Module):
-    """Pre-norm transformer block (LayerNorm eps 1e-6) with one DropPath per residual branch."""
+    """Pre-norm transformer block (LayerNorm eps 1e-6), stochastic depth per residual branch."""
 
     def __init__(self, attn: nn.Module, dim: int, mlp_ratio: float, drop_path: float):
         super().__init__()
@@ -256,15 +399,18 @@ class TwinsBlock(nn.Module):
         self.attn = attn
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = StochasticDepth(drop_path)
+
+    def _attn_branch(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        return self.attn(self.norm1(x), residual=residual)
+
+    def _mlp_branch(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        return self.mlp(self.norm2(x), residual=residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and not isinstance(self.drop_path, nn.Identity):
-            x = x + self.drop_path(self.attn(self.norm1(x)))
-            return x + self.drop_path(self.mlp(self.norm2(x)))
         # Without stochastic depth the residual adds go into the output projections.
-        x = self.attn(self.norm1(x), residual=x)
-        return self.mlp(self.norm2(x), residual=x)
+        x = self.drop_path(x, self._attn_branch)
+        return self.drop_path(x, self._mlp_branch)
 
 
 def resolve_arch(arch: Union[str, dict], presets: Dict[str, dict], family: str) -> dict:
