@@ -9,8 +9,8 @@ Columns
   infer ms / img/s   forward pass under torch.inference_mode
   train ms           forward + backward + AdamW step (train mode, drop path as --drop-path)
   peak MiB           peak resident memory of one training step, measured in a fresh
-                     subprocess per model: ru_maxrss after the steps minus the RSS after
-                     the imports (so it holds weights, gradients, AdamW state, activations)
+                     subprocess per model: peak RSS (VmHWM) over one inference and two
+                     training steps minus the RSS after the imports (so it holds weights, gradients, AdamW state, activations)
   GFLOP/s            2 x fvcore multiply-adds / inference latency, beside a plain fp32 matmul
   onnx ms            ONNX Runtime on the dynamic-shape export of tools/deployment/pytorch2onnx
 Ratios are against mmseg's built-in model of the same variant (and Swin for the 'vs swin'
@@ -23,7 +23,6 @@ Examples
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -171,19 +170,29 @@ def peak_memory(name: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _proc_status_mib(field: str) -> float:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f'/proc/self/status has no {field}')
+
+
 def memory_worker(name: str, args):
-    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731
-    with open('/proc/self/statm') as f:
-        base = int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+    # Peak RSS from VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so a
+    # worker started by a large parent would report the parent's size.
+    base = _proc_status_mib('VmRSS')
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # resets VmHWM to the current RSS
     torch.manual_seed(0)
     model = build_named(name, args.drop_path)
     x = torch.randn(args.batch, 3, *args.size)
     infer_fn(model, x)()
-    infer_peak = rss() - base
+    infer_peak = _proc_status_mib('VmHWM') - base
     step = train_step_fn(model, x)
     for _ in range(2):
         step()
-    print(json.dumps(dict(infer=infer_peak, train=rss() - base)))
+    print(json.dumps(dict(infer=infer_peak, train=_proc_status_mib('VmHWM') - base)))
 
 
 # ----------------------------------------------------------------------------- ONNX
