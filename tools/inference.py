@@ -18,7 +18,6 @@ import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
 import twins_mm  # noqa: E402,F401
-import twins_mm.launch  # noqa: E402,F401  (checkpoint-loading workaround, see there)
 
 
 def parse_args(argv=None):

@@ -8,5 +8,5 @@ train_pipeline = [
 ]
 train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
 # Official: fp16 with a static loss scale of 512. mmengine's AmpOptimWrapper needs a GPU;
-# on CPU pass --cfg-options optim_wrapper.type=OptimWrapper.
+# without a GPU tools/train.py trains it in fp32 (OptimWrapper) and says so.
 optim_wrapper = dict(type='AmpOptimWrapper', loss_scale=512.)
