@@ -46,9 +46,14 @@ def test_sizes_cover_padding_and_whole_windows():
     assert all(s % 7 for s in stage_sides(padded[0]) + stage_sides(padded[1]))
 
 
-def test_backbone_round_trip(tmp_path):
+@pytest.mark.parametrize('opset', [18, 23])  # MatMul + Softmax chain / one Attention node
+def test_backbone_round_trip(tmp_path, opset):
     model = randomise(twins_mm.TwinsSVT(TINY_SVT))
-    path = pytorch2onnx.export_onnx(model, torch.randn(2, 3, 96, 128), str(tmp_path / 'b.onnx'))
+    path = pytorch2onnx.export_onnx(model, torch.randn(2, 3, 96, 128), str(tmp_path / 'b.onnx'),
+                                    opset=opset)
+    import onnx
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert ('Attention' in ops) == (opset >= 23)
     worst = pytorch2onnx.check_onnx(model, path, UNSEEN, batch=1, atol=1e-4)
     assert worst <= 1e-4
 

@@ -94,7 +94,12 @@ def build_segmentor(config: str, checkpoint: str = None, cfg_options: dict = Non
     return WholeImageSegmentor(model).eval()
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int = 18):
+# Opset 23 exports attention as one ONNX Attention node (ONNX Runtime runs it ~1.2x faster
+# than opset 18's MatMul + Softmax chain); 18 serves runtimes without opset 23.
+DEFAULT_OPSET = 23
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int = DEFAULT_OPSET):
     """Writes ``path``; batch, height and width are dynamic."""
     from torch.export import Dim
     # DYNAMIC rather than named Dims: the window arithmetic yields guards that hold for
@@ -149,7 +154,9 @@ def parse_args(argv=None):
     p.add_argument('--check-sizes', type=int, nargs='+', default=[448, 224, 200, 260],
                    help='pairs H W checked against PyTorch after export (the defaults: one size '
                    'whose every stage is whole 7x7 windows, one that needs padding)')
-    p.add_argument('--opset', type=int, default=18)
+    p.add_argument('--opset', type=int, default=DEFAULT_OPSET,
+                   help='ONNX opset: 23 (attention as one Attention node), or 18 for '
+                   'runtimes that lack opset 23')
     args = p.parse_args(argv)
     if len(args.check_sizes) % 2:
         p.error('--check-sizes takes pairs: H1 W1 H2 W2 ...')

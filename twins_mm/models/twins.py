@@ -182,6 +182,8 @@ class LocallyGroupedAttention(nn.Module):
         mask = None
         if padded:
             mask = self.window_key_mask(H, W, ws, x.device).repeat(B, 1, 1, 1)
+            if _exporting():  # ONNX Attention (opset 23) wants the query length in the mask
+                mask = mask.expand(-1, -1, ws * ws, -1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if _graph_capture():
             out = self._merge_windows_traceable(out, B, H, W)
