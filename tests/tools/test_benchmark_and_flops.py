@@ -101,15 +101,16 @@ def test_benchmark_rejects_bad_size():
 def test_peak_memory_is_the_workers_own():
     """The worker's peak must not inherit the parent's RSS (ru_maxrss survives fork + exec).
 
-    The parent holds a 600 MiB buffer; a tiny model's worker must report far less, and a
-    larger input must report more than a smaller one.
+    The parent holds a 2 GiB buffer; a small model's worker (weights, gradients and AdamW
+    state ~380 MiB, plus activations) must report far less, and a larger input must report
+    more than a smaller one.
     """
-    ballast = torch.ones(600 * 2 ** 20 // 4)  # noqa: F841  (kept alive on purpose)
+    ballast = torch.ones(2 * 2 ** 30 // 4)  # noqa: F841  (kept alive on purpose)
     args = benchmark.parse_args(['--arch', 'svt-s', '--batch', '1', '--threads', '1',
                                  '--size', '64'])
     small = benchmark.peak_memory('svt-s', args)
     args.size = [192, 192]
     large = benchmark.peak_memory('svt-s', args)
     for peak in (small, large):
-        assert 0 < peak['infer'] < peak['train'] < 500, peak
+        assert 0 < peak['infer'] < peak['train'] < 1024, peak
     assert large['train'] > small['train'] + 20, (small, large)
