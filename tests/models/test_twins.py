@@ -233,3 +233,19 @@ def test_stochastic_depth_keeps_samples_at_the_right_rate():
     x = torch.randn(2, 3)
     branch = lambda t, residual=None: (residual if residual is not None else 0) + 2 * t  # noqa
     assert torch.equal(depth.eval()(x, branch), 3 * x)
+
+
+def test_gelu_recompute_mlp_gradients_equal_autograd():
+    """The MLP's own backward (GELU recomputed, one reused buffer) against plain autograd."""
+    from twins_mm.models.twins import Mlp
+    torch.manual_seed(0)
+    mlp = Mlp(6, 24).double()
+    x = torch.randn(2, 3, 5, 6, dtype=torch.double, requires_grad=True)
+    params = [x, *mlp.parameters()]
+    out = mlp(x)
+    ref = mlp.fc2(F.gelu(mlp.fc1(x)))
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda *t: twins_mm.models.twins._GeluMlpFunction.apply(*t), tuple(params))

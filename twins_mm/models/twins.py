@@ -324,12 +324,17 @@ class _GeluMlpFunction(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])
         dw2 = db2 = dx = dw1 = db1 = None
+        # One hidden-width buffer serves GELU(h), then dy @ w2, then dh: fresh buffers of
+        # this size cost a page-faulting pass each on CPU.
+        buf = torch.empty_like(h)
         if need_w2:
-            dw2 = dy2.t() @ F.gelu(h).reshape(-1, h.shape[-1])
+            dw2 = dy2.t() @ torch.ops.aten.gelu.out(h, out=buf).reshape(-1, h.shape[-1])
         if need_b2:
             db2 = dy2.sum(0)
         if need_x or need_w1 or need_b1:
-            dh = torch.ops.aten.gelu_backward(dy @ w2, h).reshape(-1, h.shape[-1])
+            torch.matmul(dy, w2, out=buf)
+            dh = torch.ops.aten.gelu_backward.grad_input(buf, h, grad_input=buf)
+            dh = dh.reshape(-1, h.shape[-1])
             if need_w1:
                 dw1 = dh.t() @ x.reshape(-1, x.shape[-1])
             if need_b1:
