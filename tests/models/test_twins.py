@@ -249,3 +249,17 @@ def test_gelu_recompute_mlp_gradients_equal_autograd():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(
         lambda *t: twins_mm.models.twins._GeluMlpFunction.apply(*t), tuple(params))
+
+
+def test_chunked_inference_mlp_equals_the_plain_one():
+    """Large maps run the inference MLP in row chunks; same values, with and without residual."""
+    from twins_mm.models.twins import Mlp
+    torch.manual_seed(0)
+    mlp = Mlp(16, 1024).eval()  # 1024 hidden x 4200 rows > the 4M-element chunking threshold
+    x, res = torch.randn(2, 30, 70, 16), torch.randn(2, 30, 70, 16)
+    with torch.no_grad():
+        ref = mlp.fc2(F.gelu(mlp.fc1(x)))
+        for residual, expected in ((None, ref), (res, res + ref)):
+            out = mlp(x, residual=residual)
+            assert out.shape == x.shape
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

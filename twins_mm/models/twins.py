@@ -357,7 +357,28 @@ class Mlp(nn.Module):
             out = _GeluMlpFunction.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight,
                                          self.fc2.bias)
             return out if residual is None else residual + out
+        if _use_fused_cpu_kernels(x) and x[..., 0].numel() * self.fc1.out_features > 2 ** 22:
+            return self._forward_in_row_chunks(x, residual)
         return linear(linear(x, self.fc1, gelu=True), self.fc2, residual=residual)
+
+    def _forward_in_row_chunks(self, x: torch.Tensor,
+                               residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """Inference on large maps, a few thousand tokens at a time.
+
+        Used when the hidden activation would exceed 16 MiB (4C or 8C wide; 32-64 MiB at
+        stride 4): in 4 MiB chunks it stays in cache and is never allocated in full, and
+        the stride-4/8 MLPs are bound by that memory traffic and its page faults, not by
+        their multiply-adds.
+        """
+        rows = x.reshape(-1, x.shape[-1])
+        res = residual.reshape(-1, x.shape[-1]) if residual is not None else None
+        out = torch.empty_like(rows)
+        step = max(256, 2 ** 20 // self.fc1.out_features)  # 4 MiB of hidden per chunk
+        for start in range(0, rows.shape[0], step):
+            part = slice(start, start + step)
+            hidden = linear(rows[part], self.fc1, gelu=True)
+            out[part] = linear(hidden, self.fc2, residual=None if res is None else res[part])
+        return out.view(x.shape)
 
 
 class StochasticDepth(nn.Module):
