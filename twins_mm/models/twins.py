@@ -139,6 +139,11 @@ class GlobalSubsampledAttention(nn.Module):
         return linear(out.transpose(1, 2).reshape(B, H, W, C), self.proj, residual=residual)
 
 
+def _window_counts(H: int, W: int, ws: int) -> Tuple[int, int]:
+    """Windows per column and per row; integer ceil, which dynamic-shape export can prove."""
+    return (H + ws - 1) // ws, (W + ws - 1) // ws
+
+
 class LocallyGroupedAttention(nn.Module):
     """LSA: attention inside non-overlapping windows.
 
@@ -159,7 +164,7 @@ class LocallyGroupedAttention(nn.Module):
                         device: torch.device) -> torch.Tensor:
         """(num_windows, 1, 1, ws*ws) boolean mask, True where the key is a real token."""
         ws = window_size
-        nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws  # integer ceil: export-safe
+        nh, nw = _window_counts(H, W, ws)
         rows = torch.arange(nh * ws, device=device) < H
         cols = torch.arange(nw * ws, device=device) < W
         valid = rows[:, None] & cols[None, :]
@@ -175,7 +180,8 @@ class LocallyGroupedAttention(nn.Module):
         # An exported graph must serve every size, so it always pads and masks (both are
         # no-ops on whole windows); otherwise only maps that are not whole windows need them.
         padded = _exporting() or H % ws > 0 or W % ws > 0
-        if _graph_capture():
+        capture = _graph_capture()
+        if capture:
             q, k, v = self._windows_traceable(qkv)
         else:
             q, k, v = _ToWindows.apply(qkv, ws, heads).unbind(0)
@@ -185,7 +191,7 @@ class LocallyGroupedAttention(nn.Module):
             if _exporting():  # ONNX Attention (opset 23) wants the query length in the mask
                 mask = mask.expand(-1, -1, ws * ws, -1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if _graph_capture():
+        if capture:
             out = self._merge_windows_traceable(out, B, H, W)
         else:
             out = _FromWindows.apply(out, B, H, W, ws)
@@ -196,7 +202,7 @@ class LocallyGroupedAttention(nn.Module):
         ws, heads = self.window_size, self.num_heads
         # Window counts first, pads from them: the padded side is then nh * ws by
         # construction, which symbolic (dynamic-shape) tracing can prove.
-        nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws
+        nh, nw = _window_counts(H, W, ws)
         qkv = F.pad(qkv, (0, 0, 0, nw * ws - W, 0, nh * ws - H))
         qkv = qkv.reshape(B, nh, ws, nw, ws, 3, heads, C3 // (3 * heads))
         return qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(
@@ -205,7 +211,7 @@ class LocallyGroupedAttention(nn.Module):
     def _merge_windows_traceable(self, out: torch.Tensor, B: int, H: int, W: int):
         ws = self.window_size
         _, heads, _, d = out.shape
-        nh, nw = (H + ws - 1) // ws, (W + ws - 1) // ws
+        nh, nw = _window_counts(H, W, ws)
         out = out.reshape(B, nh, nw, heads, ws, ws, d).permute(0, 1, 4, 2, 5, 3, 6)
         return out.reshape(B, nh * ws, nw * ws, heads * d)[:, :H, :W]
 
@@ -267,7 +273,7 @@ class _ToWindows(torch.autograd.Function):
     def forward(ctx, qkv: torch.Tensor, ws: int, heads: int) -> torch.Tensor:
         B, H, W, C3 = qkv.shape
         d = C3 // (3 * heads)
-        nh, nw = -(-H // ws), -(-W // ws)
+        nh, nw = _window_counts(H, W, ws)
         ctx.shape, ctx.ws = (B, H, W, nh, nw, heads, d), ws
         out = qkv.new_empty(3, B, nh, nw, heads, ws, ws, d)
         _scatter_to_windows(qkv.view(B, H, W, 3, heads, d), out.permute(_QKV_WINDOWS_AS_MAP), ws)
@@ -288,7 +294,7 @@ class _FromWindows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: torch.Tensor, B: int, H: int, W: int, ws: int) -> torch.Tensor:
         _, heads, _, d = out.shape
-        nh, nw = -(-H // ws), -(-W // ws)
+        nh, nw = _window_counts(H, W, ws)
         ctx.shape, ctx.ws = (B, H, W, nh, nw, heads, d), ws
         merged = out.new_empty(B, H, W, heads, d)
         _gather_from_windows(out.view(B, nh, nw, heads, ws, ws, d).permute(_OUT_WINDOWS_AS_MAP),
