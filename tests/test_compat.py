@@ -61,15 +61,57 @@ def test_arbitrary_pickled_object_is_refused_with_clear_message(tmp_path, monkey
     assert _load_checkpoint(str(path), map_location='cpu')['meta']['x'] == os.getcwd()
 
 
-def test_trust_checkpoint_opt_in_is_per_file(tmp_path, monkeypatch):
-    monkeypatch.delenv(compat.TRUST_ENV, raising=False)
+@pytest.fixture(autouse=True)
+def no_trust_leaks_out_of_a_test():
+    """Every test here must leave twins_mm's process-wide trust list as it found it: a
+    file trusted in one test would load unchecked in every later one."""
+    before = compat.trusted_paths()
+    yield
+    assert compat.trusted_paths() == before, 'a test left a checkpoint trusted'
+
+
+def payload_files(tmp_path):
     trusted, other = tmp_path / 'trusted.pth', tmp_path / 'other.pth'
     for p in (trusted, other):
         torch.save({'x': Payload()}, p)
-    compat.trust_checkpoint(str(trusted))
-    assert _load_checkpoint(str(trusted))['x'] == os.getcwd()
-    with pytest.raises(pickle.UnpicklingError):
-        _load_checkpoint(str(other))
+    return str(trusted), str(other)
+
+
+def test_trust_checkpoint_opt_in_is_per_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(compat.TRUST_ENV, raising=False)
+    trusted, other = payload_files(tmp_path)
+    with compat.trust_checkpoint(trusted):
+        assert _load_checkpoint(trusted)['x'] == os.getcwd()
+        with pytest.raises(pickle.UnpicklingError):
+            _load_checkpoint(other)
+
+
+def test_trust_ends_with_the_block_and_on_revoke(tmp_path, monkeypatch):
+    monkeypatch.delenv(compat.TRUST_ENV, raising=False)
+    trusted, _ = payload_files(tmp_path)
+    with compat.trust_checkpoint(trusted):
+        assert _load_checkpoint(trusted)['x'] == os.getcwd()
+    with pytest.raises(compat.UntrustedCheckpointError):  # refused again
+        _load_checkpoint(trusted)
+    assert os.path.realpath(trusted) not in compat.trusted_paths()
+
+    grant = compat.trust_checkpoint(trusted)  # the plain call: trusted until revoked
+    assert _load_checkpoint(trusted)['x'] == os.getcwd()
+    grant.revoke()
+    with pytest.raises(compat.UntrustedCheckpointError):
+        _load_checkpoint(trusted)
+
+
+def test_a_nested_opt_in_keeps_an_earlier_one(tmp_path, monkeypatch):
+    monkeypatch.delenv(compat.TRUST_ENV, raising=False)
+    trusted, _ = payload_files(tmp_path)
+    outer = compat.trust_checkpoint(trusted)
+    try:
+        with compat.trust_checkpoint(trusted):
+            pass
+        assert _load_checkpoint(trusted)['x'] == os.getcwd()  # still trusted by `outer`
+    finally:
+        outer.revoke()
 
 
 class ToyModel(BaseModel):

@@ -71,9 +71,41 @@ def safe_globals() -> list:
             ] + _numpy_globals()
 
 
-def trust_checkpoint(path: str) -> None:
-    """Opt in to full unpickling of one checkpoint file that you trust."""
-    _trusted_paths.add(osp.realpath(osp.expanduser(path)))
+class TrustedCheckpoint:
+    """The opt-in made by :func:`trust_checkpoint`; :meth:`revoke` (or leaving the ``with``
+    block) withdraws it, unless the file was already trusted before."""
+
+    def __init__(self, path: str):
+        self.path = osp.realpath(osp.expanduser(path))
+        self._added = self.path not in _trusted_paths
+        _trusted_paths.add(self.path)
+
+    def revoke(self) -> None:
+        if self._added:
+            _trusted_paths.discard(self.path)
+            self._added = False
+
+    def __enter__(self) -> 'TrustedCheckpoint':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.revoke()
+
+
+def trust_checkpoint(path: str) -> TrustedCheckpoint:
+    """Opt in to full unpickling of one checkpoint file that you trust.
+
+    The trust lasts for the process, or only for a ``with`` block::
+
+        with trust_checkpoint('my.pth'):
+            ...  # loads of my.pth may unpickle any object
+    """
+    return TrustedCheckpoint(path)
+
+
+def trusted_paths() -> Set[str]:
+    """The files trusted through :func:`trust_checkpoint` (not the environment variable)."""
+    return set(_trusted_paths)
 
 
 def _is_trusted(filename: str) -> bool:
