@@ -1,5 +1,5 @@
 # Mask R-CNN + FPN with a Twins backbone on COCO, single-scale 1333x800, 2 images/GPU
-# (twins_reference.md 5.1-5.2). Leaf configs set the backbone type/arch/checkpoint and the
+# (docs/reference.md 5.1-5.2). Leaf configs set the backbone type/arch/checkpoint and the
 # neck's in_channels; a schedule base adds the optimiser and epochs.
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',

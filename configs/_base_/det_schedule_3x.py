@@ -1,6 +1,6 @@
 # Official 3x: AdamW lr 1e-4, weight decay 0.05 with none on the PEG and the norms,
 # warm-up 500 iterations from 0.001, steps at epochs 27 and 33, 36 epochs
-# (twins_reference.md 5.3), and the DETR-style multi-scale train policy of 5.1, which the
+# (docs/reference.md 5.3), and the DETR-style multi-scale train policy of 5.1, which the
 # detector bases put between RandomFlip and PackDetInputs.
 _base_ = ['mmdet::_base_/schedules/schedule_1x.py']
 max_epochs = 36

@@ -1,4 +1,4 @@
-# Semantic FPN, 80k iterations: the official effective settings (twins_reference.md 4.1-4.4).
+# Semantic FPN, 80k iterations: the official effective settings (docs/reference.md 4.1-4.4).
 # Leaf configs set the backbone type/arch/checkpoint and the neck's in_channels.
 _base_ = [
     'mmseg::_base_/models/fpn_r50.py',

@@ -1,5 +1,5 @@
 # UPerNet, 160k iterations ("swin setting"): the official effective settings
-# (twins_reference.md 4.1-4.4). Leaf configs set the backbone type/arch/checkpoint and
+# (docs/reference.md 4.1-4.4). Leaf configs set the backbone type/arch/checkpoint and
 # the decode/auxiliary heads' in_channels (auxiliary head: stage 2, C_2 channels).
 _base_ = [
     'mmseg::_base_/models/upernet_r50.py',

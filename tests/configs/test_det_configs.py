@@ -1,5 +1,5 @@
 """The 24 COCO detection configs: they build, train a step, predict, and their effective
-settings are the official ones (twins_reference.md section 5), read from built objects."""
+settings are the official ones (docs/reference.md section 5), read from built objects."""
 import os.path as osp
 from types import SimpleNamespace
 
@@ -32,7 +32,7 @@ OFFICIAL = {
     ('retinanet', '3x'): dict(lr=1e-4, wd=0.05, no_decay=True, milestones=[27, 33], epochs=36),
     ('mask_rcnn', '3x'): dict(lr=1e-4, wd=0.05, no_decay=True, milestones=[27, 33], epochs=36),
 }
-# Paper Params (M), Tables 3, 4 and 8 (twins_reference.md 6.6-6.8).
+# Paper Params (M), Tables 3, 4 and 8 (docs/reference.md 6.6-6.8).
 PAPER_PARAMS_M = {
     'retinanet': dict(pcpvt_s=34.4, pcpvt_b=54.1, pcpvt_l=71.2, svt_s=34.3, svt_b=67.0,
                       svt_l=110.9),

@@ -1,6 +1,6 @@
 """The twelve ADE20K configs: they build, train and predict, and their EFFECTIVE settings
 (read from the built optimizer wrapper, parameter schedulers, train loop, hooks and model)
-equal the official ones of twins_reference.md sections 1.8 and 4.1-4.4."""
+equal the official ones of docs/reference.md sections 1.8 and 4.1-4.4."""
 import os.path as osp
 from types import SimpleNamespace
 
