@@ -5,16 +5,20 @@
 
 The layout and the variant are detected from the keys; the classification head and the
 final norm are dropped. The output holds ``state_dict`` and a ``meta`` with what was found.
+
+The source may be a timm ``model.safetensors`` (read by the safetensors library, whatever the
+torch version). A source that is no readable checkpoint ends the tool with one line naming
+the file and the problem.
 """
 import argparse
-import os.path as osp
 import sys
 
 import torch
-from mmengine.runner.checkpoint import CheckpointLoader
 
 import twins_mm  # noqa: F401  (safe checkpoint loading)
-from twins_mm.checkpoints import CheckpointLayoutError, arch_label, convert_to_twins_mm
+from twins_mm.checkpoints import (CheckpointLayoutError, arch_label, convert_to_twins_mm,
+                                  read_checkpoint)
+from twins_mm.compat import UntrustedCheckpointError
 
 
 def parse_args():
@@ -28,13 +32,12 @@ def parse_args():
 
 def main():
     args = parse_args()
-    if '://' not in args.src and not osp.isfile(args.src):
-        sys.exit(f'error: checkpoint {args.src} does not exist.')
     try:
-        raw = CheckpointLoader.load_checkpoint(args.src, map_location='cpu')
+        raw = read_checkpoint(args.src, map_location='cpu')
         state, info = convert_to_twins_mm(raw, args.prefix)
-    except (CheckpointLayoutError, RuntimeError, OSError) as err:
-        sys.exit(f'error: {err}')
+    except (CheckpointLayoutError, UntrustedCheckpointError, RuntimeError, OSError) as err:
+        message = str(err) if args.src in str(err) else f'{args.src}: {err}'
+        sys.exit(f'error: {message}')
     meta = dict(source=args.src, source_layout=info['layout'], family=info['family'],
                 arch=info['arch'], dropped=info['dropped'])
     torch.save(dict(state_dict=state, meta=meta), args.dst)

@@ -6,14 +6,20 @@ plus ``norm_list.{i}`` for per-stage norms. Official / timm classification check
 add ``head.*`` and the final ``norm.*``, which dense backbones drop. mmseg 1.x renames
 most modules and fuses GSA's q and kv into ``nn.MultiheadAttention``'s ``in_proj``.
 """
+import os
+import os.path as osp
+import pickle
 import re
+import zipfile
 from collections import OrderedDict
 from typing import Dict, Optional, Tuple
+from urllib.parse import urlparse
 
 import torch
 from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from twins_mm.compat import UntrustedCheckpointError
 from twins_mm.models.twins import PCPVT_ARCHS, SVT_ARCHS
 
 CLASSIFIER_KEYS = re.compile(r'^(head|norm)\.')
@@ -22,6 +28,108 @@ STAGE_NORM_KEYS = re.compile(r'^norm_list\.\d+\.')
 
 class CheckpointLayoutError(ValueError):
     """The checkpoint is not a Twins checkpoint this model can take."""
+
+
+class UnreadableCheckpointError(CheckpointLayoutError):
+    """The file is no readable checkpoint: empty, cut short, or not a checkpoint at all."""
+
+
+ZIP_MAGIC = b'PK\x03\x04'  # torch.save's default (zip) format
+PICKLE_MAGIC = b'\x80'  # torch.save's legacy format and plain pickles start with PROTO
+LFS_POINTER = b'version https://git-lfs'
+
+
+def _is_safetensors(filename: str, head: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    return filename.endswith('.safetensors') or (len(head) >= 9 and head[8:9] == b'{')
+
+
+def _read_safetensors(filename: str, map_location) -> Dict[str, torch.Tensor]:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise ImportError(f'{filename} is a safetensors file; reading it needs the safetensors '
+                          f'library: pip install safetensors') from err
+    device = map_location if isinstance(map_location, str) else 'cpu'
+    try:
+        return load_file(filename, device=device)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UnreadableCheckpointError(
+            f'{filename} is not a readable safetensors file ({err}); the file is probably cut '
+            f'short or damaged: download or copy it again.') from None
+
+
+def _fetch(url: str) -> str:
+    """Downloads ``url`` once into torch's hub cache, as ``load_state_dict_from_url`` does."""
+    folder = osp.join(torch.hub.get_dir(), 'checkpoints')
+    os.makedirs(folder, exist_ok=True)
+    cached = osp.join(folder, osp.basename(urlparse(url).path))
+    if not osp.isfile(cached):
+        print_log(f'Downloading {url} to {cached}', logger='current')
+        torch.hub.download_url_to_file(url, cached, progress=False)
+    return cached
+
+
+def _describe_unknown(head: bytes) -> str:
+    if head.startswith(LFS_POINTER):
+        return ('it is a Git LFS pointer file, not the weights: fetch them with `git lfs pull` '
+                '(or download the file itself)')
+    if head.lstrip()[:1] == b'<':
+        kind = 'an HTML or XML page, e.g. the error page of a failed download'
+    elif all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        kind = 'a text file'
+    else:
+        kind = 'an unknown binary format'
+    return (f'it starts with {head[:16]!r} ({kind}); a PyTorch checkpoint is a zip archive or a '
+            f'pickle written by torch.save, a safetensors file starts with an 8-byte header '
+            f'length and "{{"')
+
+
+def read_checkpoint(filename: str, map_location='cpu'):
+    """Reads a checkpoint from a path or URL.
+
+    safetensors files (timm's releases; recognised by content or the ``.safetensors``
+    extension) are read by the safetensors library, which unpickles nothing and does not
+    depend on the torch version. Everything else goes through mmengine's
+    ``CheckpointLoader`` (with twins_mm's safe unpickling). A local file that is empty, cut
+    short or no checkpoint at all raises :class:`UnreadableCheckpointError` naming the file
+    and the problem, instead of torch's raw ``EOFError`` / ``KeyError`` / zip errors.
+    """
+    if '://' in filename:
+        if urlparse(filename).scheme in ('http', 'https') and \
+                urlparse(filename).path.endswith('.safetensors'):
+            return _read_safetensors(_fetch(filename), map_location)
+        return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
+    path = osp.expanduser(filename)
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'Checkpoint {filename} does not exist.')
+    size = osp.getsize(path)
+    if size == 0:
+        raise UnreadableCheckpointError(
+            f'{filename} is empty (0 bytes): the download or copy that made it failed.')
+    with open(path, 'rb') as f:
+        head = f.read(64)
+    if _is_safetensors(path, head):
+        return _read_safetensors(path, map_location)
+    if head.startswith(ZIP_MAGIC) and not zipfile.is_zipfile(path):
+        raise UnreadableCheckpointError(
+            f'{filename} is truncated or damaged: it begins like a torch.save zip archive but '
+            f'its end (the zip central directory) is missing ({size} bytes); download or copy '
+            f'it again.')
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        raise UnreadableCheckpointError(f'{filename} is not a checkpoint: '
+                                        f'{_describe_unknown(head)}.')
+    try:
+        return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
+    except UntrustedCheckpointError:
+        raise
+    except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as err:
+        detail = str(err) or ('the file ends too early' if isinstance(err, EOFError) else '')
+        raise UnreadableCheckpointError(
+            f'{filename} ({size} bytes) could not be read as a PyTorch checkpoint, it is '
+            f'probably cut short or damaged: {type(err).__name__}: {detail}') from err
 
 
 def extract_state_dict(checkpoint, prefix: Optional[str] = None) -> Dict[str, torch.Tensor]:
@@ -167,7 +275,7 @@ def load_pretrained(model: torch.nn.Module, checkpoint, prefix: Optional[str] = 
                          f'path or URL, got {checkpoint!r}; set it, or drop init_cfg to train '
                          f'from scratch.')
     if isinstance(checkpoint, str):
-        raw = CheckpointLoader.load_checkpoint(checkpoint, map_location=map_location)
+        raw = read_checkpoint(checkpoint, map_location=map_location)
     else:
         raw = checkpoint
     state, info = convert_to_twins_mm(raw, prefix)
