@@ -20,7 +20,7 @@ from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
 from twins_mm.compat import UntrustedCheckpointError
-from twins_mm.models.twins import PCPVT_ARCHS, SVT_ARCHS
+from twins_mm.models.archs import PCPVT_ARCHS, SVT_ARCHS
 
 CLASSIFIER_KEYS = re.compile(r'^(head|norm)\.')
 STAGE_NORM_KEYS = re.compile(r'^norm_list\.\d+\.')

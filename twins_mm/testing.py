@@ -2,13 +2,13 @@
 
 Pretrained weights cannot be downloaded everywhere; these files exercise the same loading
 code as the real ones. The official layout is written from the key table of the official
-ImageNet checkpoints (twins_reference.md, section 2.1), not from twins_mm's modules.
+ImageNet checkpoints (docs/reference.md, section 2.1), not from twins_mm's modules.
 """
 from collections import OrderedDict
 
 import torch
 
-from twins_mm.models.twins import PCPVT_ARCHS, SVT_ARCHS
+from twins_mm.models.archs import PCPVT_ARCHS, SVT_ARCHS
 
 
 def official_state_dict(family: str, arch: str, num_classes: int = 1000, seed: int = 0,

@@ -16,7 +16,7 @@ import torch
 from mmseg.models.backbones import PCPVT, SVT
 
 import twins_mm
-from twins_mm.models.twins import PCPVT_ARCHS, SVT_ARCHS
+from twins_mm.models.archs import PCPVT_ARCHS, SVT_ARCHS
 from tests.helpers import VARIANTS
 
 
