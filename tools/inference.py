@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
 import twins_mm  # noqa: E402,F401
+from twins_mm.launch import silence_upstream_deprecation_noise  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -55,6 +56,7 @@ def detect(cfg, args) -> None:
 
 
 def main(argv=None):
+    silence_upstream_deprecation_noise()
     args = parse_args(argv)
     for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint'),
                        (args.image, 'image')):

@@ -33,17 +33,22 @@ PYEOF
 # 1. torch first, pinned: a bare 'torch' would pull a multi-GB CUDA build.
 have torch==2.13.0 mmengine==0.10.7 || "${PIP[@]}" -r "$ROOT/requirements/torch.txt"
 
-# 2. mmcv 2.1.0 with its compiled ops (NMS, RoIAlign, ...); no wheel exists for torch 2.13.
-if ! "$PY" -c "import mmcv, mmcv.ops; from mmcv.ops import nms; assert mmcv.__version__ == '2.1.0'" >/dev/null 2>&1; then
-  echo "[install] building mmcv 2.1.0 with ops (about 9 minutes on 2 cores unless pip's wheel cache has it)"
+# 2. mmcv with its compiled ops (NMS, RoIAlign, ...), at the version of requirements/mmcv.txt;
+#    no wheel exists for torch 2.13.
+MMCV_VERSION="$(sed -n 's/^mmcv==//p' "$ROOT/requirements/mmcv.txt")"
+if ! "$PY" -c "import mmcv, mmcv.ops; from mmcv.ops import nms; assert mmcv.__version__ == '$MMCV_VERSION'" >/dev/null 2>&1; then
+  echo "[install] building mmcv $MMCV_VERSION with ops (about 9 minutes on 2 cores unless pip's wheel cache has it)"
   "${PIP[@]}" "setuptools<70" wheel ninja
-  MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-2}" "${PIP[@]}" --no-build-isolation "mmcv==2.1.0"
+  MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-2}" "${PIP[@]}" --no-build-isolation -r "$ROOT/requirements/mmcv.txt"
   "${PIP[@]}" "setuptools>=77.0.3,<81"
 fi
 
 # 3. The downstream libraries and twins_mm itself (editable).
 "$PY" -c "import pkg_resources" >/dev/null 2>&1 || "${PIP[@]}" "setuptools>=77.0.3,<81"
 "${PIP[@]}" -r "$ROOT/requirements/runtime.txt" -r "$ROOT/requirements/tests.txt"
+"${PIP[@]}" --no-deps -r "$ROOT/requirements/tests_no_deps.txt"
+# twins_mm without its dependencies: setup.py states ranges for users' environments; the
+# exact stack above is what runs here.
 "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
 
 "$PY" -c "import twins_mm, mmcv, mmseg, mmdet; from mmcv.ops import nms, roi_align; print('[install] ok: twins_mm', twins_mm.__version__, '| mmcv', mmcv.__version__, '| mmseg', mmseg.__version__, '| mmdet', mmdet.__version__)"

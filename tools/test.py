@@ -16,7 +16,7 @@ from mmengine.config import ConfigDict  # noqa: E402
 import twins_mm  # noqa: E402,F401  (registers the backbones, safe checkpoint loading)
 from twins_mm.launch import (add_common_args, build_runner, check_data_or_exit,  # noqa: E402
                              config_scope, load_config, parse_with_local_rank,
-                             prepare_cpu_distributed)
+                             prepare_cpu_distributed, silence_upstream_deprecation_noise)
 
 
 def parse_args(argv=None):
@@ -87,6 +87,7 @@ def add_result_dump(cfg, runner, out: str, scope: str) -> None:
 
 
 def main(argv=None):
+    silence_upstream_deprecation_noise()
     args = parse_args(argv)
     cfg = load_config(args)
     scope = config_scope(cfg)

@@ -17,7 +17,7 @@ from mmengine.logging import print_log  # noqa: E402
 import twins_mm  # noqa: E402,F401  (registers the backbones, safe checkpoint loading)
 from twins_mm.launch import (add_common_args, build_runner, check_data_or_exit,  # noqa: E402
                              config_scope, load_config, parse_with_local_rank,
-                             prepare_cpu_distributed)
+                             prepare_cpu_distributed, silence_upstream_deprecation_noise)
 
 
 def parse_args(argv=None):
@@ -86,6 +86,7 @@ def enable_auto_scale_lr(cfg) -> None:
 
 
 def main(argv=None):
+    silence_upstream_deprecation_noise()
     args = parse_args(argv)
     cfg = load_config(args)
     config_scope(cfg)

@@ -9,6 +9,7 @@ SyncBatchNorm refuses CPU tensors).
 import os
 import os.path as osp
 import sys
+import warnings
 
 import torch
 from mmengine.config import Config, DictAction
@@ -19,6 +20,23 @@ from mmengine.runner import Runner
 from twins_mm.data_check import DatasetCheckError, check_datasets
 
 SUPPORTED_SCOPES = ('mmseg', 'mmdet')
+
+# Known upstream deprecation warnings that say nothing to a user of our tools, as
+# (message, category, module that triggers it). mmengine 0.10 imports and then reloads
+# pkg_resources (mmengine/utils/package_utils.py: is_installed) once per 'mmseg::' / 'mmdet::'
+# config base: setuptools warns on the import and on every reload (the reload is reported
+# from importlib). Five of them came before our own first line.
+UPSTREAM_DEPRECATION_NOISE = (
+    (r'pkg_resources is deprecated as an API', UserWarning,
+     r'(mmengine\.utils\.package_utils|importlib)$'),
+)
+
+
+def silence_upstream_deprecation_noise() -> None:
+    """Called by our tools (train, test, inference) before they read a config; never on
+    ``import twins_mm``, so a user's own scripts keep every warning."""
+    for message, category, module in UPSTREAM_DEPRECATION_NOISE:
+        warnings.filterwarnings('ignore', message=message, category=category, module=module)
 
 
 def add_common_args(parser) -> None:
