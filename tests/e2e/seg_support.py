@@ -46,18 +46,21 @@ def derived_config(path: str, base: str, body: str) -> str:
 
 
 def small_run_options(ws: dict, iters: int, checkpoint_every: int, batch: int = 2,
-                      loss_file: str = None) -> list:
+                      loss_file: str = None, stochastic_depth: bool = False) -> list:
     """The demo's overrides (data root, sizes, iterations, checkpoint), made deterministic:
-    fixed seed, no dropout / drop path, loading in the main process, no validation."""
+    fixed seed, no dropout, loading in the main process, no validation. Drop path is 0
+    unless ``stochastic_depth``: then the config's own rate stays (mmengine does not save
+    the RNG state, so a resumed run would draw other masks than an uninterrupted one)."""
     opts = _demo_module().demo_overrides(ws['data_root'], ws['pretrained'], iters, SIZE,
                                          batch, workers=0)
     opts += [f'default_hooks.checkpoint.interval={checkpoint_every}',
              f'train_cfg.val_interval={iters + 1}', 'default_hooks.logger.interval=1',
              'randomness.seed=0', 'model.decode_head.dropout_ratio=0.0',
-             'model.backbone.drop_path_rate=0.0',
              'train_dataloader.persistent_workers=False',
              'val_dataloader.persistent_workers=False',
              'test_dataloader.persistent_workers=False']
+    if not stochastic_depth:
+        opts.append('model.backbone.drop_path_rate=0.0')
     if loss_file:
         opts.append(f'custom_hooks.0.out_file={loss_file}')
     return opts

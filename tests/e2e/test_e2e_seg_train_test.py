@@ -147,24 +147,111 @@ def test_resume_after_kill_continues_with_the_state_it_had(ws, uninterrupted):
     assert final['param_schedulers'] == reference['param_schedulers']
 
 
+TTA_RATIOS = (0.5, 1.0, 1.5)
+
+
+def hand_merged_tta(config, options, checkpoint, num_images):
+    """What SegTTAModel must predict, computed here view by view: the plain segmentor runs
+    on each scaled / flipped view of the config's tta_pipeline (its predict() resizes the
+    logits back to the original image and undoes the flip), the per-view softmax
+    probabilities are averaged, and the argmax is the label (mmseg's SegTTAModel.merge_preds
+    for a multi-class head, docs/reference.md 4.1). Also returns the plain single-view
+    (ratio 1.0, no flip) labels, to show that the merge changes something."""
+    import argparse
+
+    from mmengine.config import Config, DictAction
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import load_checkpoint
+    from mmseg.registry import DATASETS, MODELS
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    cfg = Config.fromfile(config)
+    cfg.merge_from_dict(parser.parse_args(['--cfg-options', *options]).cfg_options)
+    init_default_scope('mmseg')
+    model = MODELS.build(cfg.model)
+    load_checkpoint(model, checkpoint, map_location='cpu')
+    model.eval()
+    dataset_cfg = cfg.test_dataloader.dataset.copy()
+    dataset_cfg.pipeline = cfg.tta_pipeline
+    dataset = DATASETS.build(dataset_cfg)
+    merged, single = {}, {}
+    for idx in range(num_images):
+        views = dataset[idx]
+        assert len(views['inputs']) == 2 * len(TTA_RATIOS)
+        probs = 0
+        for inputs, sample in zip(views['inputs'], views['data_samples']):
+            with torch.no_grad():
+                [out] = model.test_step(dict(inputs=[inputs], data_samples=[sample]))
+            logits = out.seg_logits.data
+            probs = probs + logits.softmax(dim=0)
+            if sample.scale_factor == (1.0, 1.0) and not sample.flip:
+                single_view = logits.argmax(dim=0)
+        name = osp.splitext(osp.basename(sample.img_path))[0]
+        merged[name] = (probs / len(views['inputs'])).argmax(dim=0).numpy()
+        single[name] = single_view.numpy()
+    return merged, single
+
+
 def test_test_with_tta(ws, uninterrupted):
     """``--tta`` wraps the model in SegTTAModel and tests multi-scale + flip (the config's
-    scales are shrunk with the image size, as the other sizes are)."""
+    scales are shrunk with the image size, as the other sizes are). Its predictions must be
+    the merge of the views computed by hand, and its mIoU the one of those predictions."""
+    ratios = ', '.join(str(r) for r in TTA_RATIOS)
     config = derived_config(
         osp.join(ws['root'], 'tta_config.py'), ws['probe_config'],
         "tta_pipeline = [dict(type='LoadImageFromFile'), dict(type='TestTimeAug',\n"
         "    transforms=[[dict(type='Resize', scale=(int(256 * r), int(64 * r)),\n"
-        "                      keep_ratio=True) for r in (0.5, 1.0, 1.5)],\n"
+        f"                      keep_ratio=True) for r in ({ratios})],\n"
         "                [dict(type='RandomFlip', prob=0.), dict(type='RandomFlip', prob=1.)],\n"
         "                [dict(type='LoadAnnotations')], [dict(type='PackSegInputs')]])]\n")
     out = osp.join(ws['root'], 'tta')
-    proc = run_tool(['tools/test.py', config,
-                     osp.join(uninterrupted['work_dir'], f'iter_{ITERS}.pth'), '--tta',
-                     '--work-dir', out, '--cfg-options', *small_run_options(ws, ITERS, EVERY)])
-    [metrics_file] = glob.glob(osp.join(out, '*', '*.json'))
-    with open(metrics_file) as f:
-        assert 0 <= json.load(f)['mIoU'] <= 100
+    checkpoint = osp.join(uninterrupted['work_dir'], f'iter_{ITERS}.pth')
+    options = small_run_options(ws, ITERS, EVERY)
+    run_tool(['tools/test.py', config, checkpoint, '--tta', '--work-dir', out,
+              '--out', osp.join(out, 'pred'), '--cfg-options', *options])
     [log] = glob.glob(osp.join(out, '*', '*.log'))
     with open(log) as f:
         assert "type='SegTTAModel'" in f.read()
-    assert proc.returncode == 0
+
+    merged, single = hand_merged_tta(config, options, checkpoint, NUM_VAL)
+    assert sorted(merged) == sorted(osp.splitext(osp.basename(p))[0]
+                                    for p in glob.glob(osp.join(out, 'pred', '*.png')))
+    changed = 0
+    for name, labels in merged.items():
+        written = cv2.imread(osp.join(out, 'pred', f'{name}.png'), cv2.IMREAD_UNCHANGED)
+        # IoUMetric writes label + 1 for reduce_zero_label datasets (0 = ignore).
+        np.testing.assert_array_equal(written.astype(int) - 1, labels, err_msg=name)
+        changed += int((labels != single[name]).sum())
+    assert changed > 0, 'the merge equals the single view: the comparison proves nothing'
+
+    [metrics_file] = glob.glob(osp.join(out, '*', '*.json'))
+    with open(metrics_file) as f:
+        miou = json.load(f)['mIoU']
+    expected = miou_from_files(osp.join(out, 'pred'),
+                               osp.join(ws['data_root'], 'annotations', 'validation'))
+    assert miou == pytest.approx(expected, abs=0.01)
+
+
+@pytest.fixture(scope='module')
+def stochastic(ws):
+    """The same run as ``uninterrupted`` but with the config's own stochastic depth
+    (drop_path_rate 0.2 for SVT-S FPN), one checkpoint at the end."""
+    work_dir = osp.join(ws['root'], 'stochastic')
+    losses = osp.join(ws['root'], 'stochastic_losses.jsonl')
+    run_tool(['tools/train.py', ws['probe_config'], '--work-dir', work_dir, '--cfg-options',
+              *small_run_options(ws, ITERS, ITERS, loss_file=losses, stochastic_depth=True)])
+    return dict(work_dir=work_dir, losses=losses)
+
+
+def test_train_with_the_configs_stochastic_depth(stochastic, uninterrupted):
+    """Training with drop path 0.2 runs end to end, and the drop path fires: same seed,
+    data, initial weights and first batch as the run without it, so the first loss can
+    differ only through dropped residual branches."""
+    ckpt = load(osp.join(stochastic['work_dir'], f'iter_{ITERS}.pth'))
+    assert 'drop_path_rate=0.2' in ckpt['meta']['cfg']
+    curve, plain = read_losses(stochastic['losses']), read_losses(uninterrupted['losses'])
+    assert [r['iter'] for r in curve] == list(range(1, ITERS + 1))
+    assert all(np.isfinite(r['loss']) for r in curve)
+    assert [r['lr'] for r in curve] == pytest.approx([r['lr'] for r in plain], rel=1e-9)
+    assert curve[0]['loss'] != pytest.approx(plain[0]['loss'], rel=1e-4), (curve[0], plain[0])

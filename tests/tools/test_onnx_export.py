@@ -6,8 +6,10 @@ dynamo export stays quick; the export code path is the one the presets use. Size
 right and bottom padding at every stage (and 25x41 at stride 4 pads both sides).
 """
 import os
+import statistics
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,10 +79,53 @@ def test_segmentor_export_refuses_a_detector():
         pytorch2onnx.build_segmentor(cfg)
 
 
-def test_onnx_latency_reports_both_runtimes():
+def test_onnx_latency_times_the_exported_model_on_the_input(monkeypatch):
+    """benchmark.onnx_latency must time an ONNX model that computes what the eager model
+    computes, on the given input, and report milliseconds of the calls it timed.
+
+    Every onnxruntime session run and every eager run is intercepted: the ONNX outputs are
+    compared with the eager model's, and the reported medians with the calls' own times."""
+    import time
+
     import benchmark
+    import onnxruntime as ort
+
     model = randomise(twins_mm.TwinsSVT(TINY_SVT))
-    args = benchmark.parse_args(['--threads', '1', '--runs', '1', '--warmup', '0'])
-    x = torch.randn(1, 3, 64, 96)
-    onnx_ms, eager_ms = benchmark.onnx_latency(model, x, args, benchmark.infer_fn(model, x))
-    assert onnx_ms > 0 and eager_ms > 0
+    x = torch.randn(1, 3, 64, 96)  # not the export size, and padding at every stage
+    onnx_calls, eager_calls = [], []
+
+    class RecordingSession(ort.InferenceSession):
+        def run(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            outs = super().run(*args, **kwargs)
+            onnx_calls.append((time.perf_counter() - t0, outs, args[1]))
+            return outs
+
+    monkeypatch.setattr(ort, 'InferenceSession', RecordingSession)
+    eager = benchmark.infer_fn(model, x)
+
+    def timed_eager():
+        t0 = time.perf_counter()
+        eager()
+        eager_calls.append(time.perf_counter() - t0)
+
+    runs, warmup = 3, 1
+    args = benchmark.parse_args(['--threads', '1', '--runs', str(runs),
+                                 '--warmup', str(warmup)])
+    onnx_ms, eager_ms = benchmark.onnx_latency(model, x, args, timed_eager)
+
+    assert len(onnx_calls) == len(eager_calls) == runs + warmup
+    with torch.inference_mode():
+        expected = model(x)
+    for _, outs, feed in onnx_calls:
+        [fed] = feed.values()
+        assert np.array_equal(fed, x.numpy())
+        assert len(outs) == len(expected)
+        for o, e in zip(outs, expected):
+            torch.testing.assert_close(torch.from_numpy(o), e, rtol=1e-4, atol=1e-4)
+
+    # Each reported median encloses the timed calls themselves (warm-up excluded): not
+    # seconds (1000x smaller), not a sum, not a different set of calls.
+    for reported, inner in ((onnx_ms, [c[0] for c in onnx_calls]), (eager_ms, eager_calls)):
+        inner_ms = statistics.median(inner[warmup:]) * 1e3
+        assert inner_ms <= reported <= 1.5 * inner_ms + 20, (reported, inner_ms)
