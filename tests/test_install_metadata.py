@@ -227,3 +227,50 @@ def test_mim_search_finds_every_model(installed_site):
     ranked = found['by_box_ap'][:len(with_box)]
     assert [models[n]['metrics']['box AP'] for n in ranked] == sorted(
         (ap for ap, _ in with_box), reverse=True)
+
+
+def upstream_metafiles(package):
+    """The metafiles that mmseg / mmdet ship for mim (``<package>/.mim/configs``)."""
+    import importlib.util
+
+    import yaml
+    spec = importlib.util.find_spec(package)  # finds, does not import
+    root = Path(spec.submodule_search_locations[0]) / '.mim' / 'configs'
+    files = sorted(root.glob('*/metafile.y*ml'))
+    assert len(files) > 20, root
+    loaded = [yaml.safe_load(f.read_text()) for f in files]
+    return [d if isinstance(d, dict) else {'Models': d} for d in loaded]
+
+
+@pytest.mark.parametrize('ours,package', [('metafile-seg.yml', 'mmseg'),
+                                          ('metafile-det.yml', 'mmdet')])
+def test_metafiles_use_the_fields_of_the_library_they_belong_to(ours, package):
+    """Every field, task and metric name of ours is one that the library's own metafiles use,
+    and results are laid out as there (mmseg: one dict, mmdet: a list)."""
+    import yaml
+    upstream = upstream_metafiles(package)
+    models = [m for d in upstream for m in d.get('Models') or []]
+    collections = [c for d in upstream for c in d.get('Collections') or [] if isinstance(c, dict)]
+
+    def results(model):
+        r = model['Results']
+        return r if isinstance(r, list) else [r]
+
+    model_keys = {k for m in models for k in m}
+    collection_keys = {k for c in collections for k in c}
+    tasks = {r['Task'] for m in models for r in results(m)}
+    metrics = {k for m in models for r in results(m) for k in r.get('Metrics') or {}}
+    layouts = {type(m['Results']) for m in models}
+    assert len(layouts) == 1
+    with open(ROOT / 'configs' / ours) as f:
+        mine = yaml.safe_load(f)
+    for model in mine['Models']:
+        assert set(model) - {'Weights'} <= model_keys, model['Name']
+        assert {'Name', 'In Collection', 'Config', 'Metadata', 'Results'} <= set(model)
+        assert type(model['Results']) in layouts, model['Name']
+        for result in results(model):
+            assert result['Task'] in tasks and set(result['Metrics']) <= metrics, model['Name']
+            assert all(isinstance(v, (int, float)) for v in result['Metrics'].values())
+        assert model['In Collection'] in {c['Name'] for c in mine['Collections']}
+    for collection in mine['Collections']:
+        assert set(collection) <= collection_keys, collection['Name']
