@@ -25,8 +25,8 @@ Detail table (one per variant and batch, ``--no-detail`` to skip)
                      the imports. CUDA: torch.cuda.max_memory_allocated over two training
                      steps minus the memory allocated before the model was put on the GPU.
                      Both hold weights, gradients, AdamW state and activations.
-  GFLOP/s            2 x fvcore multiply-adds / inference latency, beside a plain matmul in
-                     the same precision (skipped where fvcore is not installed)
+  GFLOP/s            2 x fvcore multiply-adds / inference latency, beside a plain matmul
+                     (fp32 on CPU, the autocast dtype on CUDA; skipped without fvcore)
   onnx ms            ONNX Runtime on the dynamic-shape export (CPU only)
   x mmseg            ratio to mmseg's built-in model of the same variant
 
@@ -191,7 +191,8 @@ def build_timm(arch: str, drop_path: float = 0.) -> nn.Module:
     try:
         return timm.create_model(timm_name(arch), pretrained=False, features_only=True,
                                  drop_path_rate=drop_path)
-    except RuntimeError:  # a timm without features_only for Twins
+    except Exception as e:  # noqa: BLE001  (a timm without features_only for Twins)
+        print(f'[timm] features_only failed ({first_line(e)}); using forward_features')
         return TimmForwardFeatures(timm.create_model(timm_name(arch), pretrained=False,
                                                      drop_path_rate=drop_path))
 
@@ -709,7 +710,7 @@ def describe(args, peak: float) -> str:
     return ', '.join(parts)
 
 
-def versions(dropped: Dict[str, str]) -> str:
+def versions() -> str:
     out = []
     for mod in ('mmengine', 'mmcv', 'mmseg', 'mmdet', 'timm'):
         try:
@@ -741,6 +742,8 @@ def run_benchmark(args) -> str:
                 else torch.float32)
     peak = matmul_gflops(args.device, mm_dtype)
     print(describe(args, peak), flush=True)
+    if not args.preset:
+        print(versions(), flush=True)
     if args.config:
         print_table(bench_config(args.config, args, peak), f'config {args.config}')
         return ''
@@ -769,7 +772,7 @@ def run_benchmark(args) -> str:
 
 def run_preset(args, explicit: set):
     """The sections of --preset in order, each only if it fits the remaining budget."""
-    print(f'preset {args.preset}: budget {args.budget_s:.0f} s; {versions({})}', flush=True)
+    print(f'preset {args.preset}: budget {args.budget_s:.0f} s; {versions()}', flush=True)
     for i, (title, overrides, estimate) in enumerate(PRESET_SECTIONS[args.preset]):
         left = args.budget_s - elapsed()
         if i and estimate > left:
@@ -812,8 +815,9 @@ def build_parser():
     p.add_argument('--no-mmseg', action='store_true', help="leave out mmseg's PCPVT/SVT")
     p.add_argument('--no-timm', action='store_true', help="leave out timm's Twins")
     p.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
-    p.add_argument('--amp', choices=sorted(AMP_DTYPES),
-                   help='torch.autocast dtype for every model (fp16 trains with a GradScaler)')
+    p.add_argument('--amp', choices=['fp32'] + sorted(AMP_DTYPES),
+                   help='torch.autocast dtype for every model (fp16 trains with a GradScaler; '
+                        'fp32: no autocast, e.g. to override a preset)')
     p.add_argument('--tf32', choices=['on', 'off'], default='on',
                    help='TF32 for fp32 matmuls and convolutions on CUDA')
     p.add_argument('--compile', action='store_true',
@@ -866,6 +870,8 @@ def parse_args(argv=None):
         args.size = args.size * 2
     if len(args.size) != 2 or min(args.size) < 32:
         p.error(f'--size takes H or H W, each at least 32; got {args.size}')
+    if args.amp == 'fp32':
+        args.amp = None
     if args.infer_batch is None:
         args.infer_batch = list(args.batch)
     if min(args.batch + args.infer_batch) < 1:
