@@ -1,4 +1,5 @@
-"""The opt-in ``compile`` flag: one graph (no breaks) and the eager outputs.
+"""The opt-in ``compile`` flag: one graph (no breaks), the eager outputs and gradients,
+dynamic shapes for multi-scale training, copies that run their own weights.
 
 A small custom SVT has every block kind (LSA with padding and mask, GSA with and without
 sub-sampling, PEG, stage norms). The equivalence test compiles with the 'aot_eager'
@@ -7,8 +8,10 @@ without inductor's C++ code generation (about 90 s on 2 cores even for this mode
 """
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import twins_mm
+from twins_mm import ops
 
 TINY_SVT = dict(embed_dims=[16, 32, 32, 64], num_heads=[1, 2, 2, 4], mlp_ratios=[2, 2, 2, 2],
                 depths=[2, 2, 2, 2], sr_ratios=[8, 4, 2, 1], window_sizes=[7, 7, 7, 7])
@@ -36,3 +39,96 @@ def test_compiled_outputs_equal_eager():
 def test_compile_flag_is_checked():
     with pytest.raises(ValueError, match='compile must be a bool or a dict'):
         twins_mm.TwinsSVT(TINY_SVT, compile='yes')
+
+
+def test_deep_copy_of_a_compiled_model_runs_its_own_weights():
+    """mmengine's EMA hook deep-copies the model: the copy must not run the original's weights."""
+    import copy
+    import pickle
+    torch.manual_seed(0)
+    model = twins_mm.TwinsSVT(TINY_SVT, compile=dict(backend='aot_eager')).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        model(x)  # compiled before the copy
+        twin = copy.deepcopy(model)
+        for p in twin.parameters():
+            p.mul_(0.5)
+        eager = twins_mm.TwinsSVT(TINY_SVT).eval()
+        eager.load_state_dict(twin.state_dict())
+        for a, b in zip(twin(x), eager(x)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(twin(x)[3], model(x)[3])
+    restored = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        for a, b in zip(restored(x), model(x)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def fixed_draw(model, keep):
+    for m in model.modules():
+        if hasattr(m, 'draw_keep'):
+            m.draw_keep = lambda batch, device, keep=keep: torch.tensor(keep, device=device)
+
+
+def test_training_forward_has_no_graph_breaks():
+    model = twins_mm.TwinsSVT(TINY_SVT, drop_path_rate=0.3).train()
+    explained = torch._dynamo.explain(model._forward)(torch.randn(2, 3, 100, 164))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_compiled_training_equals_eager_with_the_same_draw():
+    """Stochastic depth takes its multiply form in the graph: same outputs and gradients."""
+    torch.manual_seed(0)
+    eager = twins_mm.TwinsSVT(TINY_SVT, drop_path_rate=0.3).train()
+    compiled = twins_mm.TwinsSVT(TINY_SVT, drop_path_rate=0.3,
+                                 compile=dict(backend='aot_eager')).train()
+    compiled.load_state_dict(eager.state_dict())
+    for model in (eager, compiled):
+        fixed_draw(model, [True, False, True])
+    x = torch.randn(3, 3, 100, 164)
+    results = []
+    for model in (eager, compiled):
+        outs = model(x)
+        sum((o * o).mean() for o in outs).backward()
+        results.append((outs, [p.grad for p in model.parameters()]))
+    (outs_e, grads_e), (outs_c, grads_c) = results
+    for a, b in zip(outs_c, outs_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_multiscale_training_recompiles_a_bounded_number_of_times():
+    """The 3x recipe's multi-scale sizes: one static graph, then one dynamic graph for all."""
+    counter = CompileCounterWithBackend('aot_eager')
+    model = twins_mm.TwinsSVT(TINY_SVT, drop_path_rate=0.2, compile=dict(backend=counter)).train()
+    sizes = [(96, 128), (128, 96), (160, 224), (224, 160), (192, 288)]
+    for h, w in sizes:
+        outs = model(torch.randn(2, 3, h, w))
+        sum(o.sum() for o in outs).backward()
+        assert [o.shape[-2:] for o in outs][0] == (h // 4, w // 4)
+    assert counter.frame_count <= 2
+
+
+def test_inductor_compiles_a_permuted_map_with_dynamic_sizes():
+    """The pattern torch 2.13's inductor fails on once H and W are dynamic ("cannot determine
+    truth value of Relational"): a LayerNorm'd (B, H, W, C) map seen by a depthwise conv
+    through a permuted view. ops.compile_forward compiles it (docs/compile.md)."""
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(16)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+
+    def peg(x):
+        y = norm(x)
+        return y + conv(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    compiled = ops.compile_forward(peg, dynamic=True)
+    for h, w in ((24, 32), (32, 20)):
+        x = torch.randn(2, h, w, 16, requires_grad=True)
+        out = compiled(x)
+        grad, = torch.autograd.grad(out.square().sum(), x)
+        x_ref = x.detach().requires_grad_()
+        ref = peg(x_ref)
+        ref_grad, = torch.autograd.grad(ref.square().sum(), x_ref)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4)

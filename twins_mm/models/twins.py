@@ -366,7 +366,7 @@ class TwinsBase(BaseModule):
         self._check_input(x)
         if self.compile_cfg is not None:
             if self._compiled_forward is None:
-                self._compiled_forward = torch.compile(self._forward, **self.compile_cfg)
+                self._compiled_forward = ops.compile_forward(self._forward, **self.compile_cfg)
             return self._compiled_forward(x)
         return self._forward(x)
 

@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 
 from . import cpu_fused, drop_path, mlp, windows
+from .compile import compile_forward
 from .dispatch import Path, exporting, graph_capture, select_path
 
-__all__ = ['linear_residual', 'gelu_mlp', 'partition_windows', 'merge_windows',
+__all__ = ['compile_forward', 'linear_residual', 'gelu_mlp', 'partition_windows', 'merge_windows',
            'window_key_mask', 'stochastic_depth', 'select_path', 'Path', 'graph_capture',
            'exporting']
 
