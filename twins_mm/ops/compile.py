@@ -28,11 +28,11 @@ def symbolic_stride_order():
 
     @functools.wraps(original)
     def get_stride_order(seq, shape_env=None):
-        try:
+        if shape_env is not None:
             return original(seq, shape_env)
-        except TypeError:
-            if shape_env is not None:
-                raise
+        try:
+            return original(seq)
+        except TypeError:  # a symbolic comparison sympy alone cannot decide
             return original(seq, V.graph.sizevars.shape_env)
 
     ir.get_stride_order = get_stride_order
