@@ -194,9 +194,9 @@ class TwinsBase(BaseModule):
             configs written for CNN backbones run unchanged).
         with_cp: activation checkpointing per block (less memory, more compute).
         compile: opt-in ``torch.compile`` of the forward pass: True, or a dict of
-            ``torch.compile`` kwargs (e.g. ``dict(dynamic=True)``). The forward has no
-            graph breaks; compiling costs time at the first call (and per new input size
-            unless dynamic).
+            ``torch.compile`` kwargs (e.g. ``dict(mode='reduce-overhead')``). The forward
+            has no graph breaks, in training too; the first call compiles, a second input
+            size compiles one dynamic graph for all later sizes (docs/compile.md).
         pretrained: deprecated alias of ``init_cfg=dict(type='Pretrained', checkpoint=...)``.
         init_cfg: mmengine init config. ``dict(type='Pretrained', checkpoint=...)`` accepts
             official, timm, mmseg and twins_mm checkpoints (see ``twins_mm.checkpoints``).
