@@ -113,6 +113,7 @@ def run_train(config: str, work_dir: str, options: List[str], *, amp: bool = Fal
         amp_module = importlib.import_module(AMP_WRAPPER_MODULE)
         # raising=True (the default): a renamed check fails the test instead of passing it by.
         monkeypatch.setattr(amp_module, 'is_cuda_available', lambda: True)
+        assert hasattr(tool, 'amp_device_available'), 'tools/train.py renamed its GPU check'
         tool.amp_device_available = lambda: True
     captured = {}
     build_runner = tool.build_runner
