@@ -7,8 +7,10 @@
     root/train2017/000000000001.jpg ...
     root/val2017/000000000001.jpg ...
 
-Objects are flat-coloured shapes on a noisy background, each with a box and a polygon mask.
-The class fixes both shape and colour, so a detector learns them quickly. The JSON lists all
+Objects are flat-coloured shapes on a noisy grey background, each with a box and a polygon
+mask. The class fixes both shape and colour (a yellow disc, a red octagon, a blue triangle),
+and the background is nearly colourless, so colour alone separates the classes from each
+other and from the background and a detector learns them quickly. The JSON lists all
 80 COCO categories under their real ids and uses three of them, so the COCO configs run
 unchanged (80-way heads, mmdet's default class names). About one image in six has no
 objects, and about a quarter of the objects touch the image border. Everything is
@@ -29,12 +31,14 @@ COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in _COCO_UNUSED_IDS]
 
 # name -> (polygon corners, 0 = disc, colour BGR)
 SHAPES = {
-    'sports ball': (0, (40, 200, 240)),
+    'sports ball': (0, (30, 210, 245)),
     'stop sign': (8, (40, 40, 220)),
     'kite': (3, (220, 90, 30)),
 }
 EMPTY_EVERY = 6
 BORDER_PROB = 0.25
+# object side as a fraction of the image's shorter side
+SIDE_RANGE = (0.25, 0.5)
 DISC_CORNERS = 24
 
 
@@ -71,7 +75,7 @@ def _overlaps(box, boxes, margin=2.):
 def _place(rng: np.random.Generator, width: int, height: int, boxes) -> Tuple[float, float, float]:
     """A square box that does not overlap ``boxes``; sometimes flush with an image edge."""
     for _ in range(50):
-        side = float(rng.uniform(0.2, 0.45) * min(width, height))
+        side = float(rng.uniform(*SIDE_RANGE) * min(width, height))
         x = float(rng.uniform(0, width - side))
         y = float(rng.uniform(0, height - side))
         if rng.random() < BORDER_PROB:
@@ -84,7 +88,8 @@ def _place(rng: np.random.Generator, width: int, height: int, boxes) -> Tuple[fl
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    base = rng.integers(90, 160, size=3)
+    """Grey (each channel within 8 of the others) with noise and a horizontal ramp."""
+    base = rng.integers(80, 170) + rng.integers(-4, 5, size=3)
     noise = rng.normal(0, 12, size=(height, width, 3))
     ramp = np.linspace(-20, 20, width)[None, :, None]
     return np.clip(base + noise + ramp, 0, 255).astype(np.uint8)
