@@ -99,15 +99,18 @@ def test_compiled_training_equals_eager_with_the_same_draw():
 
 
 def test_multiscale_training_recompiles_a_bounded_number_of_times():
-    """The 3x recipe's multi-scale sizes: one static graph, then one dynamic graph for all."""
+    """Multi-scale training: one static graph, then one dynamic graph serves every size of the
+    same window layout (here: every stage padded, more than one window per side). A size
+    whose layout differs (whole windows, or a single window, at some stage) guards out and
+    compiles once more (docs/compile.md)."""
     counter = CompileCounterWithBackend('aot_eager')
     model = twins_mm.TwinsSVT(TINY_SVT, drop_path_rate=0.2, compile=dict(backend=counter)).train()
-    sizes = [(96, 128), (128, 96), (160, 224), (224, 160), (192, 288)]
+    sizes = [(256, 288), (288, 256), (320, 352), (352, 320), (288, 352)]
     for h, w in sizes:
-        outs = model(torch.randn(2, 3, h, w))
+        outs = model(torch.randn(1, 3, h, w))
         sum(o.sum() for o in outs).backward()
-        assert [o.shape[-2:] for o in outs][0] == (h // 4, w // 4)
-    assert counter.frame_count <= 2
+        assert outs[0].shape[-2:] == (h // 4, w // 4)
+    assert counter.frame_count == 2
 
 
 def test_inductor_compiles_a_permuted_map_with_dynamic_sizes():
