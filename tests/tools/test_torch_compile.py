@@ -17,6 +17,16 @@ TINY_SVT = dict(embed_dims=[16, 32, 32, 64], num_heads=[1, 2, 2, 4], mlp_ratios=
                 depths=[2, 2, 2, 2], sr_ratios=[8, 4, 2, 1], window_sizes=[7, 7, 7, 7])
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Dynamo keeps state per code object across models (the sizes it has seen decide
+    whether its next compilation is dynamic): each test starts as a fresh process would,
+    so a count of compilations does not depend on which tests ran before it."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def test_forward_has_no_graph_breaks():
     model = twins_mm.TwinsSVT(TINY_SVT).eval()
     with torch.no_grad():
