@@ -147,13 +147,24 @@ def test_retinanet_train_checkpoint_test_and_resume_after_kill(coco, tmp_path):
 
 
 def test_mask_rcnn_train_and_test_bbox_and_segm(coco, tmp_path):
+    """Mask R-CNN trains, and tools/test.py scores its boxes and masks above the untrained
+    model's (same backbone checkpoint, heads as training starts): a run whose box or mask
+    head does not learn, or whose masks are lost or misplaced on the way to CocoMetric, stays
+    at the untrained level. Measured after 6 epochs (12 iterations; 2-core machine, default
+    threads): mAP@0.5 bbox 0.100 and segm 0.116, against 0.000 and 0.000 untrained; after 3
+    epochs 0.014 and 0.014, too close to the margin."""
+    epochs = 6
+    opts = small_options(coco, epochs)
     work_dir = str(tmp_path / 'train')
-    run(tool('train.py', MASK_RCNN, '--work-dir', work_dir,
-             '--cfg-options', *small_options(coco, 1)))
-    metrics = coco_metrics(MASK_RCNN, osp.join(work_dir, 'epoch_1.pth'),
+    run(tool('train.py', MASK_RCNN, '--work-dir', work_dir, '--cfg-options', *opts))
+    trained = coco_metrics(MASK_RCNN, osp.join(work_dir, f'epoch_{epochs}.pth'),
                            str(tmp_path / 'test'), coco)
+    untrained = str(tmp_path / 'untrained.pth')
+    save_untrained(osp.join(REPO, MASK_RCNN), opts, untrained, seed=0)
+    untrained = coco_metrics(MASK_RCNN, untrained, str(tmp_path / 'test_untrained'), coco)
     for task in ('bbox', 'segm'):
-        assert 0. <= metrics[f'coco/{task}_mAP'] <= 1., metrics
+        key = f'coco/{task}_mAP_50'
+        assert trained[key] >= untrained[key] + MAP_50_MARGIN, (task, trained, untrained)
 
 
 def test_distributed_two_gloo_processes(coco, tmp_path):
