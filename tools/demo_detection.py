@@ -8,8 +8,8 @@
    data root, epochs (with the warm-up and lr steps scaled to the short run), image scale,
    batch size, checkpointing, that checkpoint and the randomness (``randomness.seed``,
    ``deterministic=True``: head initialisation, shuffling and flips are the same from run
-   to run); the train and test processes run with ``--threads`` CPU threads (default 1),
-   because the result of a parallel reduction depends on how many threads share it;
+   to run); the train and test processes run with ``--threads`` CPU threads (default 2; a fixed
+   number, because the result of a parallel reduction depends on how many threads share it);
 4. evaluates the untrained model (backbone from the checkpoint, heads freshly initialised)
    and the trained one with tools/test.py (CocoMetric, bbox; bbox + segm for Mask R-CNN)
    and prints both;
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     parser.add_argument('--width', type=int, default=160)
     parser.add_argument('--height', type=int, default=128)
     parser.add_argument('--workers', type=int, default=1, help='dataloader workers')
-    parser.add_argument('--threads', type=int, default=1,
+    parser.add_argument('--threads', type=int, default=2,
                         help='torch CPU threads of the train/test processes; results depend on '
                         'it (summation order), so the documented numbers name it')
     parser.add_argument('--drop-path', type=float, default=None,
