@@ -4,12 +4,15 @@
 2. writes a random "ImageNet" checkpoint in the official Twins layout and points the
    backbone's ``init_cfg`` at it, so the real pretrained-loading code runs;
 3. trains ``configs/fpn_twins_svt_s_80k.py`` with tools/train.py, overriding only the
-   data root, iterations, image sizes, batch size and that checkpoint;
+   data root, iterations, image sizes, batch size, that checkpoint and the randomness
+   (``randomness.seed``, ``deterministic=True``); the train and test processes run with
+   ``--threads`` CPU threads (default 2; a fixed number, because the result of a parallel
+   reduction depends on how many threads share it);
 4. evaluates the untrained model (backbone from the checkpoint, heads freshly initialised)
    and the trained one with tools/test.py (IoUMetric) and prints both mIoU values;
 5. writes prediction overlays of the validation images (mmseg's visualizer, ``--show-dir``).
 
-    python tools/demo_segmentation.py [--out demo_out/segmentation] [--iters 400]
+    python tools/demo_segmentation.py [--out demo_out/segmentation] [--iters 400] [--seed 0]
 """
 import argparse
 import glob
@@ -36,7 +39,17 @@ def parse_args(argv=None):
     parser.add_argument('--num-train', type=int, default=64)
     parser.add_argument('--num-val', type=int, default=16)
     parser.add_argument('--workers', type=int, default=2, help='dataloader workers')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='seeds head init, shuffling and augmentation (mmengine randomness)')
+    parser.add_argument('--threads', type=int, default=2,
+                        help='torch CPU threads of the train/test processes; results depend on '
+                        'it (summation order), so the documented numbers name it')
     return parser.parse_args(argv)
+
+
+def reproducible_overrides(seed: int) -> list:
+    """A fixed seed and deterministic kernels: the same weights from run to run."""
+    return [f'randomness.seed={seed}', 'randomness.deterministic=True']
 
 
 def demo_overrides(data_root: str, checkpoint: str, iters: int, size: int, batch: int,
@@ -60,10 +73,11 @@ def demo_overrides(data_root: str, checkpoint: str, iters: int, size: int, batch
     return opts
 
 
-def run(cmd, log_path: str) -> None:
+def run(cmd, log_path: str, threads: int) -> None:
     print('$', ' '.join(cmd), f'  (log: {log_path})', flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(log_path, 'w') as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     if proc.returncode != 0:
         with open(log_path) as f:
             tail = f.read()[-3000:]
@@ -93,9 +107,9 @@ def save_untrained(opts: list, path: str) -> None:
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
 
 
-def test_miou(opts: list, checkpoint: str, work_dir: str, extra=()) -> float:
+def test_miou(opts: list, checkpoint: str, work_dir: str, threads: int, extra=()) -> float:
     run([sys.executable, 'tools/test.py', CONFIG, checkpoint, '--work-dir', work_dir,
-         *extra, '--cfg-options', *opts], work_dir + '.log')
+         *extra, '--cfg-options', *opts], work_dir + '.log', threads)
     results = sorted(glob.glob(osp.join(work_dir, '*', '*.json')), key=os.path.getmtime)
     with open(results[-1]) as f:
         return float(json.load(f)['mIoU'])
@@ -117,18 +131,18 @@ def main(argv=None):
     pretrained = osp.join(out, 'fake_imagenet_alt_gvt_small.pth')
     torch.save({'model': official_state_dict('TwinsSVT', 'small', seed=0)}, pretrained)
     opts = demo_overrides(data_root, pretrained, args.iters, args.size, args.batch_size,
-                          args.workers)
+                          args.workers) + reproducible_overrides(args.seed)
 
     untrained = osp.join(out, 'untrained.pth')
     save_untrained(opts, untrained)
     train_dir = osp.join(out, 'train')
     run([sys.executable, 'tools/train.py', CONFIG, '--work-dir', train_dir,
-         '--cfg-options', *opts], osp.join(out, 'train.log'))
+         '--cfg-options', *opts], osp.join(out, 'train.log'), args.threads)
     trained = osp.join(train_dir, f'iter_{args.iters}.pth')
 
-    miou_untrained = test_miou(opts, untrained, osp.join(out, 'test_untrained'))
+    miou_untrained = test_miou(opts, untrained, osp.join(out, 'test_untrained'), args.threads)
     overlays = osp.join(out, 'overlays')
-    miou_trained = test_miou(opts, trained, osp.join(out, 'test_trained'),
+    miou_trained = test_miou(opts, trained, osp.join(out, 'test_trained'), args.threads,
                              extra=('--show-dir', overlays))
     pictures = sorted(glob.glob(osp.join(overlays, '**', '*.png'), recursive=True))
 
