@@ -1,40 +1,43 @@
 #!/usr/bin/env bash
-# Runs the GPU tier (`make test-gpu`: the tests marked `cuda`) and records what
-# ran where: device, driver, torch / CUDA / Python versions, which OpenMMLab libraries were
-# importable, pass/fail and pytest's summary. No network, no install into the environment.
+# Runs the GPU test tier (`make test-gpu`: the tests marked `cuda`) and records what ran
+# where: device, driver, torch / CUDA / Python versions, which OpenMMLab libraries were
+# importable, pass/fail and pytest's summary. Installs nothing, needs no network.
 #
-#   bash tools/gpu_check.sh                 # record under $OUT (if set) or work_dirs/gpu_check
-#   bash tools/gpu_check.sh --fetch-wheels  # (on a machine with a package index) download the
-#                                           # pure-Python wheels below into .whl/gpu
+#   bash tools/gpu_check.sh [--out DIR]    # record in DIR (default work_dirs/gpu_check):
+#                                          # gpu_check.txt, test-gpu.log, junit.xml
 #
-# Python: .venv/bin/python when the repo has a .venv, else python3. A bare GPU machine
-# (torch + CUDA, no mmengine, no pytest) needs mmengine and pytest: carry .whl/gpu (an
-# ignored path, about 3 MB) and this script unpacks those wheels into a temporary folder
-# on PYTHONPATH. twins_mm imports mmengine.runner, which imports cv2; where OpenCV is not
-# installed (its wheel is 60 MB) a stub `cv2` that fails on any use is put on the path and
-# the record says so: no test of the GPU tier calls OpenCV.
-# The training tests of tests/gpu (mmengine Runner on real configs) also need mmcv with its
-# compiled CUDA ops, mmseg and mmdet; without them they are skipped with the reason.
+# Python: .venv/bin/python when the checkout has a .venv, else python3 (GPU_PY overrides).
+# It needs torch with CUDA, mmengine and pytest; the training tests of tests/gpu also need
+# mmcv with its compiled CUDA ops, mmseg and mmdet, and are skipped with the reason where
+# those do not import. GPU_CHECK_TIMEOUT (seconds, default 3600) stops a hung run.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-WHEELS="$ROOT/.whl/gpu"
-# mmengine as in requirements; the others in their newest versions for the oldest Python the
-# GPU machine may have (GPU_PYTHON_VERSION, default 3.10), which newer Pythons also run.
-GPU_WHEELS=(mmengine==0.10.7 addict yapf termcolor rich markdown-it-py mdurl pygments pytest
-            pluggy iniconfig packaging platformdirs exceptiongroup tomli)
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 
-if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
+RECORD_DIR="$ROOT/work_dirs/gpu_check"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) [ $# -ge 2 ] || { echo "error: --out needs a folder, e.g. --out work_dirs/gpu_check" >&2; exit 2; }
+           RECORD_DIR="$2"; shift 2 ;;
+    --out=*) RECORD_DIR="${1#--out=}"; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "error: unknown argument '$1'; usage: bash tools/gpu_check.sh [--out DIR]" >&2; exit 2 ;;
+  esac
+done
 
-if [ "${1:-}" = "--fetch-wheels" ]; then
-  mkdir -p "$WHEELS"
-  exec "$PY" -m pip download --no-deps --only-binary=:all: --implementation py --abi none \
-    --platform any --python-version "${GPU_PYTHON_VERSION:-3.10}" -d "$WHEELS" "${GPU_WHEELS[@]}"
+if [ -n "${GPU_PY:-}" ]; then PY="$GPU_PY"
+elif [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"
+else PY=python3; fi
+
+if ! "$PY" -c "import torch, mmengine, pytest" >/dev/null 2>&1; then
+  echo "error: $PY cannot import torch, mmengine and pytest; install them (pip install mmengine pytest, torch with CUDA) or point GPU_PY at the Python that has them." >&2
+  exit 2
 fi
 
-RECORD_DIR="${OUT:-$ROOT/work_dirs/gpu_check}"
-mkdir -p "$RECORD_DIR"
+mkdir -p "$RECORD_DIR" || { echo "error: cannot create the record folder $RECORD_DIR; pass a writable one with --out DIR" >&2; exit 2; }
+RECORD_DIR="$(cd "$RECORD_DIR" && pwd)"
 RECORD="$RECORD_DIR/gpu_check.txt"
 LOG="$RECORD_DIR/test-gpu.log"
 : > "$RECORD"
@@ -47,37 +50,6 @@ else
   note "commit: unknown (not a git checkout)"
 fi
 note "python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])' 2>&1))"
-
-# Dependencies missing here (mmengine, pytest, ...): the carried wheels, unpacked.
-if ! "$PY" -c "import mmengine, pytest" >/dev/null 2>&1; then
-  if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    DEPS="$(mktemp -d "${TMPDIR:-/tmp}/twins_mm_gpu_deps.XXXXXX")"
-    "$PY" - "$DEPS" "$WHEELS"/*.whl <<'PYEOF'
-import sys
-import zipfile
-for wheel in sys.argv[2:]:
-    zipfile.ZipFile(wheel).extractall(sys.argv[1])
-PYEOF
-    export PYTHONPATH="$DEPS${PYTHONPATH:+:$PYTHONPATH}"
-    note "dependencies: unpacked $(ls "$WHEELS"/*.whl | wc -l) wheels of .whl/gpu into $DEPS"
-  else
-    note "dependencies: mmengine or pytest missing and no wheels in .whl/gpu (run --fetch-wheels where an index is reachable and carry .whl/gpu)"
-  fi
-fi
-if ! "$PY" -c "import cv2" >/dev/null 2>&1; then
-  STUB="$(mktemp -d "${TMPDIR:-/tmp}/twins_mm_cv2_stub.XXXXXX")"
-  mkdir -p "$STUB/cv2"
-  cat > "$STUB/cv2/__init__.py" <<'PYEOF'
-"""Stand-in for OpenCV on a machine without it (tools/gpu_check.sh): imports, fails on use."""
-
-
-def __getattr__(name):
-    raise AttributeError(f'cv2.{name}: OpenCV is not installed on this machine (stub module '
-                         'of tools/gpu_check.sh)')
-PYEOF
-  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$STUB"
-  note "cv2: not installed; a stub that fails on use is on the path (mmengine.runner imports cv2)"
-fi
 
 "$PY" - <<'PYEOF' 2>&1 | tee -a "$RECORD"
 import importlib
@@ -118,8 +90,9 @@ else  # the Makefile's test-gpu command
   CMD=("$PY" -m pytest -m cuda "${FILES[@]}")
 fi
 note "command: ${CMD[*]}"
+TIMEOUT="${GPU_CHECK_TIMEOUT:-3600}"
 PYTEST_ADDOPTS="${PYTEST_ADDOPTS:-} --junitxml=$RECORD_DIR/junit.xml" \
-  timeout "${GPU_CHECK_TIMEOUT:-540}" "${CMD[@]}" 2>&1 | tee "$LOG"
+  timeout "$TIMEOUT" "${CMD[@]}" 2>&1 | tee "$LOG"
 RC=${PIPESTATUS[0]}
 ELAPSED=$(( $(date +%s) - START ))
 
@@ -127,7 +100,7 @@ note "pytest summary: $(grep -E '^=+ .*(passed|failed|skipped|error|no tests ran
 grep -E '^(SKIPPED|FAILED|ERROR)' "$LOG" | sed 's/^/  /' | tee -a "$RECORD"
 case $RC in
   0) if [ "$CUDA" = 1 ]; then RESULT=PASS; else RESULT="NOT RUN on a GPU (no CUDA device: the cuda tests were skipped)"; fi ;;
-  124) RESULT="FAIL (timed out after ${GPU_CHECK_TIMEOUT:-540} s)" ;;
+  124) RESULT="FAIL (timed out after $TIMEOUT s; raise GPU_CHECK_TIMEOUT)" ;;
   *) RESULT="FAIL (exit code $RC)" ;;
 esac
 note "result: $RESULT in ${ELAPSED} s"

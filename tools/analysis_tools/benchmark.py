@@ -36,7 +36,7 @@ of every model and "ours / X" = twins_mm's figure divided by X's (lower is bette
 Examples
   python tools/analysis_tools/benchmark.py --arch svt-s pcpvt-s --swin swin-t
   python tools/analysis_tools/benchmark.py --config configs/fpn_twins_svt_s_80k.py
-  python tools/analysis_tools/benchmark.py --preset gpu          # the GPU run of issue #10
+  python tools/analysis_tools/benchmark.py --preset gpu          # every GPU table (gpu_benchmark.sh)
 """
 import argparse
 import contextlib
@@ -79,22 +79,23 @@ RATIO_TABLES = (('infer', 'inference', 'ms per batch'),
                 ('train', 'training step (forward, backward, AdamW)', 'ms per batch'),
                 ('peak', 'training peak memory', 'MiB'))
 
-# The GPU run of issue #10, in order of importance. Each section overrides these fields of
-# the arguments (unless given on the command line) and starts only if its estimated
-# seconds still fit in --budget-s; the first always runs.
+# The GPU run (tools/analysis_tools/gpu_benchmark.sh), sections in order of importance. Each
+# section overrides these fields of the arguments (unless given on the command line). With
+# --budget-s N a section starts only if its estimated seconds (rough, not measured on a GPU)
+# still fit in N; the first always runs. The default budget 0 runs every section.
 PRESET_DEFAULTS = {
     'gpu': dict(device='cuda', amp='bf16', tf32='on', runs=10, warmup=3, swin=[],
-                no_onnx=True, no_flops=True, no_detail=True, budget_s=285.),
+                no_onnx=True, no_flops=True, no_detail=True, budget_s=0.),
 }
 PRESET_SECTIONS = {
     'gpu': [
-        ('bf16 autocast, eager, all six variants: the targets of issue #10',
+        ('bf16 autocast, eager, all six variants, training batch 2/8/32, inference batch 1/8/32',
          dict(arch=ALL_ARCHS, batch=[2, 8, 32], infer_batch=[1, 8, 32], amp='bf16'), 150),
         ('whole models in the mmengine training loop (bf16 AMP)', 'train_loop', 50),
         ('torch.compile(mode="reduce-overhead") of twins_mm SVT-S, bf16, batch 4 and 8',
          dict(arch=['svt-s'], batch=[4, 8], infer_batch=[8], amp='bf16', compile=True,
               compile_mode='reduce-overhead'), 90),
-        ('fp32 (TF32 on), eager, batch 8: the measured table of issue #10',
+        ('fp32 (TF32 on), eager, all six variants, batch 8',
          dict(arch=ALL_ARCHS, batch=[8], infer_batch=[8], amp=None), 60),
         ('torch.compile(mode="reduce-overhead") of twins_mm PCPVT-S, bf16, batch 4 and 8',
          dict(arch=['pcpvt-s'], batch=[4, 8], infer_batch=[8], amp='bf16', compile=True,
@@ -488,7 +489,7 @@ def ratio(a, b):
 
 
 def ratio_tables(results: List[dict]) -> str:
-    """The issue's tables: every model's figure and ours / each other model, per variant and
+    """The ratio tables: every model's figure and ours / each other model, per variant and
     batch. ``results``: dicts with 'variant', 'columns' ({label: column}, twins_mm first)
     and 'values' ({(kind, batch): {label: seconds or MiB}})."""
     out = []
@@ -772,10 +773,11 @@ def run_benchmark(args) -> str:
 
 def run_preset(args, explicit: set):
     """The sections of --preset in order, each only if it fits the remaining budget."""
-    print(f'preset {args.preset}: budget {args.budget_s:.0f} s; {versions()}', flush=True)
+    budget = f'budget {args.budget_s:.0f} s' if args.budget_s else 'no time budget'
+    print(f'preset {args.preset}: {budget}; {versions()}', flush=True)
     for i, (title, overrides, estimate) in enumerate(PRESET_SECTIONS[args.preset]):
         left = args.budget_s - elapsed()
-        if i and estimate > left:
+        if i and args.budget_s and estimate > left:
             print(f'\n## [skipped] {title}: needs ~{estimate} s, {left:.0f} s of the budget '
                   f'left', flush=True)
             continue
@@ -804,8 +806,9 @@ def run_preset(args, explicit: set):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--preset', choices=sorted(PRESET_SECTIONS),
-                   help='a fixed run: "gpu" = every table of issue #10 on one GPU, sections '
-                        'in order of importance within --budget-s (explicit flags win)')
+                   help='a fixed run: "gpu" = every GPU table on one GPU (bf16 all six '
+                        'variants, whole-model loop, torch.compile, fp32), sections in order of '
+                        'importance, within --budget-s if given (explicit flags win)')
     p.add_argument('--arch', nargs='+', default=['svt-s'], choices=sorted(ARCHS),
                    help='backbone variants')
     p.add_argument('--config', help='a full model config instead of --arch (inference only)')
