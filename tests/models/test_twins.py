@@ -252,3 +252,152 @@ def test_stochastic_depth_keeps_samples_at_the_right_rate():
     x = torch.randn(2, 3)
     branch = lambda t, residual=None: (residual if residual is not None else 0) + 2 * t  # noqa
     assert torch.equal(depth.eval()(x, branch), 3 * x)
+
+
+# ----------------------------------------------------------------------------- arguments
+def test_pretrained_alias_loads_like_init_cfg(tmp_path):
+    """``pretrained=PATH`` (what mmseg's EncoderDecoder hands its backbone) warns and loads
+    the file exactly as ``init_cfg=dict(type='Pretrained', checkpoint=PATH)``."""
+    from twins_mm.testing import official_state_dict
+    sd = official_state_dict('TwinsPCPVT', 'small', seed=3)
+    path = str(tmp_path / 'pcpvt_small.pth')
+    torch.save(sd, path)
+    with pytest.warns(DeprecationWarning, match='pretrained is deprecated'):
+        model = twins_mm.TwinsPCPVT('small', pretrained=path)
+    assert model.init_cfg == dict(type='Pretrained', checkpoint=path)
+    model.init_weights()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, sd[key]), key
+    with pytest.raises(ValueError, match='either init_cfg or pretrained'):
+        twins_mm.TwinsPCPVT('small', pretrained=path,
+                            init_cfg=dict(type='Pretrained', checkpoint=path))
+
+
+def test_negative_and_int_out_indices_count_from_the_end():
+    full = twins_mm.TwinsSVT('small').eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        all_outs = full(x)
+        for out_indices, stages in (((-1, ), (3, )), ((-4, -2), (0, 2)), (2, (2, )),
+                                    ((0, -1), (0, 3))):
+            picked = twins_mm.TwinsSVT('small', out_indices=out_indices).eval()
+            picked.load_state_dict(full.state_dict())
+            assert picked.out_indices == stages
+            outs = picked(x)
+            assert len(outs) == len(stages)
+            for out, stage in zip(outs, stages):
+                assert torch.equal(out, all_outs[stage]), (out_indices, stage)
+
+
+@pytest.mark.parametrize('out_indices', [(4, ), (-5, ), (0, 1, 2, 3, 4), ()])
+def test_out_of_range_out_indices_are_refused(out_indices):
+    with pytest.raises(ValueError, match=r'out_indices must be stage indices in \[0, 3\]'):
+        twins_mm.TwinsPCPVT('small', out_indices=out_indices)
+
+
+def test_norm_after_stage_per_stage_list():
+    """A list switches the per-stage norm stage by stage: where it is off the stage output is
+    the plain one, where it is on it is LayerNorm(eps 1e-6) of it (the last stage feeds no
+    later stage, so the earlier outputs are unchanged)."""
+    plain = twins_mm.TwinsSVT('small', norm_after_stage=False).eval()
+    last = twins_mm.TwinsSVT('small', norm_after_stage=[False, False, False, True]).eval()
+    assert [type(n).__name__ for n in last.norm_list] == ['Identity'] * 3 + ['LayerNorm']
+    last.load_state_dict(plain.state_dict(), strict=False)
+    norm = last.norm_list[3]
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_(0, 0.1)
+        x = torch.randn(1, 3, 64, 96)
+        a, b = plain(x), last(x)
+        for i in range(3):
+            assert torch.equal(a[i], b[i]), i
+        expected = F.layer_norm(a[3].permute(0, 2, 3, 1), (512, ), norm.weight, norm.bias,
+                                1e-6).permute(0, 3, 1, 2)
+        torch.testing.assert_close(b[3], expected, rtol=0, atol=1e-5)
+    for bad in ([True] * 3, [True] * 5):
+        with pytest.raises(ValueError, match=r'one bool per stage \(4\)'):
+            twins_mm.TwinsSVT('small', norm_after_stage=bad)
+
+
+@pytest.mark.parametrize('family', ['TwinsPCPVT', 'TwinsSVT'])
+def test_qkv_bias_false_equals_zero_biases(family):
+    """Without qkv_bias the q / kv / qkv projections have no bias parameter at all, and the
+    model computes what the biased one computes with those biases at zero."""
+    biased = getattr(twins_mm, family)('small').eval()
+    unbiased = getattr(twins_mm, family)('small', qkv_bias=False).eval()
+    qkv_bias = {k for k in biased.state_dict()
+                if k.endswith(('attn.q.bias', 'attn.kv.bias', 'attn.qkv.bias'))}
+    # PCPVT-S: 16 blocks x (q, kv); SVT-S: 9 LSA blocks (qkv) + 9 GSA blocks (q, kv)
+    assert len(qkv_bias) == (32 if family == 'TwinsPCPVT' else 27)
+    assert set(unbiased.state_dict()) == set(biased.state_dict()) - qkv_bias
+    assert all(k in unbiased.state_dict() for k in biased.state_dict()
+               if k.endswith('attn.proj.bias'))
+    with torch.no_grad():
+        for key in qkv_bias:
+            biased.state_dict()[key].normal_(0, 0.5)
+        unbiased.load_state_dict({k: v for k, v in biased.state_dict().items()
+                                  if k not in qkv_bias})
+        x = torch.randn(1, 3, 64, 96)
+        with_bias = biased(x)
+        for key in qkv_bias:
+            biased.state_dict()[key].zero_()
+        zero_bias, without = biased(x), unbiased(x)
+    for w, z, n in zip(with_bias, zero_bias, without):
+        torch.testing.assert_close(n, z, rtol=0, atol=1e-5)
+        assert (w - z).abs().max() > 1e-2  # the biases did matter
+
+
+def test_frozen_stages_all_four_freezes_everything():
+    """frozen_stages=4: no parameter trains and every module stays in eval mode, so even
+    with stochastic depth a forward in train() mode equals the eval forward."""
+    model = twins_mm.TwinsPCPVT('small', frozen_stages=4, drop_path_rate=0.5)
+    model.train()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == []
+    # only the containers (the model, its ModuleLists) keep the flag, which they do not use
+    assert [n for n, m in model.named_modules()
+            if m.training and n and not isinstance(m, torch.nn.ModuleList)] == []
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        train_out = model(x)
+        eval_out = model.eval()(x)
+    for a, b in zip(train_out, eval_out):
+        assert torch.equal(a, b)
+
+
+def test_default_initialisation_follows_the_official_definition():
+    """Without init_cfg, init_weights() sets what the official code's ``_init_weights`` sets:
+    Linear weight trunc-normal std 0.02 (bounds -2, 2) and bias 0, LayerNorm weight 1 and
+    bias 0, Conv2d weight normal(0, sqrt(2 / fan_out)) with fan_out = k*k*out_channels/groups
+    and bias 0. Standard deviations are checked per layer within 6 standard errors of the
+    estimate. torch's trunc_normal_ maps a uniform draw of exactly +-1 to the bound (+-2, i.e.
+    100 std): about one such value per million weights, as in the official models; those are
+    left out of the standard deviation."""
+    model = twins_mm.TwinsSVT('small')
+    model.init_weights()
+    seen, clamped, total = set(), 0, 0
+
+    def check_std(name, w, std):
+        assert abs(w.mean().item()) < 6 * std / w.numel() ** 0.5, name
+        assert abs(w.std().item() / std - 1) < 6 / (2 * w.numel()) ** 0.5, (name, w.std(), std)
+
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            assert torch.equal(m.bias, torch.zeros_like(m.bias)), name
+            w = m.weight.detach().double().flatten()
+            assert w.abs().max() <= 2, name
+            inner = w[w.abs() < 0.2]
+            clamped, total = clamped + (w.numel() - inner.numel()), total + w.numel()
+            check_std(name, inner, 0.02)
+            seen.add('linear')
+        elif isinstance(m, torch.nn.LayerNorm):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)), name
+            assert torch.equal(m.bias, torch.zeros_like(m.bias)), name
+            seen.add('norm')
+        elif isinstance(m, torch.nn.Conv2d):
+            assert torch.equal(m.bias, torch.zeros_like(m.bias)), name
+            k0, k1 = m.kernel_size
+            check_std(name, m.weight.detach().double().flatten(),
+                      (2.0 / (k0 * k1 * m.out_channels / m.groups)) ** 0.5)
+            seen.add('conv')
+    assert seen == {'linear', 'norm', 'conv'}
+    assert clamped <= 10 and clamped / total < 2e-6, (clamped, total)
