@@ -1,11 +1,14 @@
+import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 import twins_mm
+from twins_mm import compat
 from twins_mm.checkpoints import (CheckpointLayoutError, convert_to_twins_mm, detect_layout,
                                   load_pretrained)
 from twins_mm.testing import official_state_dict
@@ -13,6 +16,13 @@ from twins_mm.testing import official_state_dict
 from tests.helpers import VARIANTS, build_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class Payload:
+    """An arbitrary pickled object: unpickling it calls os.getcwd."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
 
 
 def test_factory_matches_reference_key_counts():
@@ -186,4 +196,104 @@ def test_mmseg_release_layout_equals_official(tmp_path, family):
 def test_pretrained_without_checkpoint_is_clear():
     model = twins_mm.TwinsSVT('small', init_cfg=dict(type='Pretrained', checkpoint=None))
     with pytest.raises(ValueError, match='needs a checkpoint path or URL'):
+        model.init_weights()
+
+
+# ----------------------------------------------------------------------------- prefix,
+# legacy files, non-dict files, URLs
+def test_init_cfg_prefix_takes_that_sub_tree(tmp_path):
+    """``init_cfg=dict(..., prefix='student.')`` loads the keys under that prefix only (e.g.
+    one of two models saved in one file); a prefix that matches nothing is named."""
+    teacher = official_state_dict('TwinsSVT', 'small', num_classes=0, seed=1)
+    student = official_state_dict('TwinsSVT', 'small', num_classes=0, seed=2)
+    path = str(tmp_path / 'distill.pth')
+    torch.save({'state_dict': {**{f'teacher.{k}': v for k, v in teacher.items()},
+                               **{f'student.{k}': v for k, v in student.items()}}}, path)
+    model = twins_mm.TwinsSVT('small', init_cfg=dict(type='Pretrained', checkpoint=path,
+                                                     prefix='student.'))
+    model.init_weights()
+    for key, value in student.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    missing = twins_mm.TwinsSVT('small', init_cfg=dict(type='Pretrained', checkpoint=path,
+                                                       prefix='ema.'))
+    with pytest.raises(CheckpointLayoutError, match="No key of the checkpoint starts with 'ema.'"):
+        missing.init_weights()
+
+
+def test_legacy_non_zip_checkpoint_loads(tmp_path):
+    """torch.save(..., _use_new_zipfile_serialization=False) (torch < 1.6 files, and some
+    released checkpoints) is a plain pickle stream; it loads like the zip format."""
+    sd = official_state_dict('TwinsPCPVT', 'small', seed=5)
+    path = tmp_path / 'legacy.pth'
+    torch.save({'model': sd}, path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path) and path.read_bytes()[:1] == b'\x80'
+    model = twins_mm.TwinsPCPVT('small', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, sd[key]), key
+
+
+@pytest.mark.parametrize('content,kind', [([torch.zeros(2)], 'list'), (torch.zeros(2), 'Tensor'),
+                                          ((1, 2), 'tuple')])
+def test_checkpoint_that_is_not_a_dict_is_named(tmp_path, content, kind):
+    path = tmp_path / 'odd.pth'
+    torch.save(content, path)
+    model = twins_mm.TwinsSVT('small', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(CheckpointLayoutError, match=f'Expected a checkpoint dict .* got {kind}'):
+        model.init_weights()
+
+
+# The URL every SVT-S config's init_cfg names (configs/*_twins_svt_s_*.py).
+SVT_S_URL = ('https://download.openmmlab.com/mmsegmentation/v0.5/pretrain/twins/'
+             'alt_gvt_small_20220308-7e1c3695.pth')
+
+
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch):
+    """torch's hub cache in tmp_path: a URL whose file is already there is not downloaded,
+    so the real URL code path runs without network."""
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path / 'hub'))
+    folder = tmp_path / 'hub' / 'checkpoints'
+    folder.mkdir(parents=True)
+
+    def no_download(url, *args, **kwargs):
+        raise AssertionError(f'tried to download {url}')
+
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', no_download)
+    return folder
+
+
+def test_pth_url_of_the_configs_loads_through_the_hub_cache(hub_dir):
+    sd = official_state_dict('TwinsSVT', 'small', seed=4)
+    torch.save({'model': sd}, hub_dir / 'alt_gvt_small_20220308-7e1c3695.pth')
+    model = twins_mm.TwinsSVT('small', init_cfg=dict(type='Pretrained', checkpoint=SVT_S_URL))
+    model.init_weights()
+    for key, value in model.state_dict().items():
+        if not key.startswith('norm_list.'):
+            assert torch.equal(value, sd[key]), key
+
+
+def test_pth_url_with_a_pickled_object_is_refused(hub_dir, monkeypatch):
+    """A downloaded file is unpickled as safely as a local one: torch.hub's loader unpickles
+    everything unless told otherwise, so an arbitrary object in a file behind a URL would
+    run its code."""
+    monkeypatch.delenv(compat.TRUST_ENV, raising=False)
+    torch.save({'model': official_state_dict('TwinsSVT', 'small'), 'meta': Payload()},
+               hub_dir / 'alt_gvt_small_20220308-7e1c3695.pth')
+    model = twins_mm.TwinsSVT('small', init_cfg=dict(type='Pretrained', checkpoint=SVT_S_URL))
+    with pytest.raises(compat.UntrustedCheckpointError, match='getcwd') as err:
+        model.init_weights()
+    cached = str(hub_dir / 'alt_gvt_small_20220308-7e1c3695.pth')
+    assert SVT_S_URL in str(err.value) and f'trust the downloaded copy {cached}' in str(err.value)
+    with compat.trust_checkpoint(cached):  # the opt-in the message names
+        model.init_weights()
+
+
+def test_legacy_file_with_a_pickled_object_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv(compat.TRUST_ENV, raising=False)
+    path = tmp_path / 'legacy_evil.pth'
+    torch.save({'model': official_state_dict('TwinsSVT', 'small'), 'meta': Payload()}, path,
+               _use_new_zipfile_serialization=False)
+    model = twins_mm.TwinsSVT('small', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(compat.UntrustedCheckpointError, match=str(path)):
         model.init_weights()

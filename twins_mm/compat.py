@@ -6,18 +6,24 @@ scalars in ``meta``), so ``resume`` and ``load_from`` fail. Instead of switching
 ``weights_only`` off (which would run arbitrary pickled code), the known-safe types are
 allow-listed, and mmengine's checkpoint loaders are wrapped so that any other pickled
 object is refused with a message that names it and says how to opt in for a trusted file.
-Importing ``twins_mm`` installs this.
+Files behind ``http(s)://`` URLs (what the configs' ``init_cfg`` name) get the same
+treatment: mmengine reads them with ``torch.hub.load_state_dict_from_url``, which would
+unpickle everything (its ``weights_only`` defaults to False). Importing ``twins_mm``
+installs this.
 """
 import argparse
 import functools
+import inspect
 import os
 import os.path as osp
 import pickle
 import re
 from typing import List, Set
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import mmengine.runner.checkpoint as mmengine_checkpoint
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
 
@@ -108,9 +114,24 @@ def trusted_paths() -> Set[str]:
     return set(_trusted_paths)
 
 
+def _downloaded_copy(url: str) -> str:
+    """Where torch.hub (and so mmengine) keeps the file of an http(s) URL."""
+    return osp.join(torch.hub.get_dir(), 'checkpoints', osp.basename(urlparse(url).path))
+
+
+def _local_path(filename: str) -> str:
+    if urlparse(filename).scheme in ('http', 'https'):
+        return _downloaded_copy(filename)
+    return osp.expanduser(filename)
+
+
 def _is_trusted(filename: str) -> bool:
-    if not isinstance(filename, str) or '://' in filename:
+    if not isinstance(filename, str):
         return False
+    if '://' in filename:
+        if urlparse(filename).scheme not in ('http', 'https'):
+            return False
+        filename = _downloaded_copy(filename)
     real = osp.realpath(osp.expanduser(filename))
     env = [p for p in os.environ.get(TRUST_ENV, '').split(os.pathsep) if p]
     trusted = _trusted_paths | {osp.realpath(osp.expanduser(p)) for p in env}
@@ -132,6 +153,9 @@ def _unsupported_globals(filename: str, error: Exception) -> List[str]:
 
 def _refusal(filename: str, error: Exception) -> UntrustedCheckpointError:
     names = _unsupported_globals(filename, error) or ['<unknown>']
+    where = ''
+    if urlparse(filename).scheme in ('http', 'https'):
+        where = f' (for a URL, trust the downloaded copy {_downloaded_copy(filename)})'
     return UntrustedCheckpointError(
         f'Refused to load {filename}: it contains pickled object(s) {", ".join(names)} that '
         f'are not on twins_mm\'s allow-list of safe checkpoint types (tensors, mmengine '
@@ -139,7 +163,7 @@ def _refusal(filename: str, error: Exception) -> UntrustedCheckpointError:
         f'If you trust this file, either allow-list the class with '
         f'torch.serialization.add_safe_globals([...]) before loading, or opt in for this '
         f'file with twins_mm.compat.trust_checkpoint(path) or the environment variable '
-        f'{TRUST_ENV}=/path/to/file (files or folders, separated by "{os.pathsep}").')
+        f'{TRUST_ENV}=/path/to/file (files or folders, separated by "{os.pathsep}"){where}.')
 
 
 def _guard(loader):
@@ -152,12 +176,24 @@ def _guard(loader):
             if isinstance(error, UntrustedCheckpointError):
                 raise
             if _is_trusted(filename):
-                return torch.load(osp.expanduser(filename), map_location=map_location,
+                return torch.load(_local_path(filename), map_location=map_location,
                                   weights_only=False)
             raise _refusal(filename, error) from None
 
     safe_loader.__twins_mm_guarded__ = True
     return safe_loader
+
+
+def _weights_only_load_url(load_url):
+    """``load_url`` (torch.hub's ``load_state_dict_from_url``) with ``weights_only=True``."""
+
+    @functools.wraps(load_url)
+    def safe_load_url(url, *args, **kwargs):
+        kwargs['weights_only'] = True
+        return load_url(url, *args, **kwargs)
+
+    safe_load_url.__twins_mm_guarded__ = True
+    return safe_load_url
 
 
 def install() -> None:
@@ -166,6 +202,12 @@ def install() -> None:
     if _installed:
         return
     torch.serialization.add_safe_globals(safe_globals())
+    # mmengine's http(s), modelzoo:// and open-mmlab:// loaders all download through this one
+    # module-level function (mmengine.runner.checkpoint.load_url).
+    load_url = mmengine_checkpoint.load_url
+    if not getattr(load_url, '__twins_mm_guarded__', False) and \
+            'weights_only' in inspect.signature(load_url).parameters:
+        mmengine_checkpoint.load_url = _weights_only_load_url(load_url)
     for prefix, loader in list(CheckpointLoader._schemes.items()):
         if not getattr(loader, '__twins_mm_guarded__', False):
             CheckpointLoader.register_scheme(prefix, _guard(loader), force=True)
