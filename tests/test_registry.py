@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,111 @@ def test_registered_in_each_scope_without_shadowing():
         assert reg.module_dict['TwinsPCPVT'] is twins_mm.TwinsPCPVT
     assert SEG.module_dict['PCPVT'].__module__.startswith('mmseg.')
     assert 'PCPVT' not in DET.module_dict and 'PCPVT' not in OURS.module_dict
+
+
+# ----------------------------------------------------------------------------- one library
+# A detection-only (or segmentation-only) environment, made for real: a fresh interpreter
+# without site-packages (-S) gets a folder of links to every site-packages entry except
+# the hidden library's package and its dist-info, so neither `import` nor the package
+# metadata (which mmengine consults for 'mmseg::' bases) can find it.
+HIDDEN = {'mmseg': ('mmseg', 'mmsegmentation-'), 'mmdet': ('mmdet', 'mmdet-')}
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture(scope='module')
+def env_without(tmp_path_factory):
+    made = {}
+
+    def make(library):
+        if library not in made:
+            site = tmp_path_factory.mktemp(f'site_without_{library}')
+            package, dist = HIDDEN[library]
+            (real, ) = {p for p in map(Path, sys.path) if (p / 'mmengine').is_dir()}
+            for entry in real.iterdir():
+                if entry.name == package or entry.name.startswith(dist):
+                    continue
+                (site / entry.name).symlink_to(entry)
+            made[library] = str(site)
+        return made[library]
+
+    return make
+
+
+def run_without(site, code, *args):
+    prelude = (f'import site, sys; site.addsitedir({site!r}); sys.path.insert(0, {REPO!r})\n')
+    return subprocess.run([sys.executable, '-S', '-c', prelude + code, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+CHECK = """
+import importlib.util, json, sys, torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from mmengine.utils import is_installed
+hidden = sys.argv[2]
+assert importlib.util.find_spec(hidden) is None and not is_installed(
+    {'mmseg': 'mmsegmentation', 'mmdet': 'mmdet'}[hidden]), 'the library is not hidden'
+import twins_mm
+from twins_mm.registry import MODELS as OURS
+cfg = Config.fromfile(sys.argv[1])  # custom_imports: twins_mm
+init_default_scope(cfg.default_scope)
+MODELS = importlib.import_module(cfg.default_scope + '.registry').MODELS
+for reg in (OURS, MODELS):
+    assert reg.module_dict['TwinsSVT'] is twins_mm.TwinsSVT
+    assert reg.module_dict['TwinsPCPVT'] is twins_mm.TwinsPCPVT
+model = MODELS.build(cfg.model).eval()
+with torch.no_grad():
+    out = model._forward(torch.randn(1, 3, 64, 64))
+flat = out if isinstance(out, torch.Tensor) else [t for level in out for t in level]
+flat = flat if isinstance(flat, list) else [flat]
+assert hidden not in sys.modules and not any(m.startswith(hidden + '.') for m in sys.modules)
+print(json.dumps(dict(backbone=type(model.backbone).__module__ + '.' + type(model.backbone).__name__,
+                      shapes=[list(t.shape) for t in flat])))
+"""
+
+
+@pytest.mark.parametrize('hidden,text,family,shapes', [
+    ('mmseg', DET_CFG, 'TwinsSVT', None), ('mmdet', SEG_CFG, 'TwinsPCPVT', [[1, 19, 16, 16]])])
+def test_backbones_register_and_build_with_one_library_only(env_without, tmp_path, hidden, text,
+                                                            family, shapes):
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text(textwrap.dedent(text.format(type=family, channels=CHANNELS[family])))
+    proc = run_without(env_without(hidden), CHECK, str(cfg), hidden)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res['backbone'] == f'twins_mm.models.twins.{family}'
+    if hidden == 'mmseg':
+        assert res['shapes'][0] == [1, 720, 8, 8] and len(res['shapes']) == 10
+    else:
+        assert res['shapes'] == shapes
+
+
+TRAIN = """
+import runpy, sys
+sys.argv = ['tools/train.py', *sys.argv[1:]]
+runpy.run_path('tools/train.py', run_name='__main__')
+"""
+
+
+def test_seg_config_without_mmseg_names_it_and_the_install(env_without, tmp_path):
+    """tools/train.py with one of our segmentation configs where only mmdet is installed."""
+    config = 'configs/fpn_twins_svt_s_80k.py'
+    proc = run_without(env_without('mmseg'), TRAIN, config, '--work-dir', str(tmp_path / 'w'))
+    assert proc.returncode != 0
+    assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f'error: {config} inherits mmseg:: configs, but mmsegmentation is '
+                           'not installed'), last
+    assert 'pip install ".[seg]"' in last
+
+
+def test_det_scope_without_mmdet_names_it_and_the_install(env_without, tmp_path):
+    """A complete mmdet-scope config (no 'mmdet::' base to fail on) where only mmseg is."""
+    cfg = tmp_path / 'own_det.py'
+    cfg.write_text("default_scope = 'mmdet'\nmodel = dict(type='RetinaNet')\n")
+    proc = run_without(env_without('mmdet'), TRAIN, str(cfg), '--work-dir', str(tmp_path / 'w'))
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the config sets default_scope='mmdet', but mmdet is not "
+                           'installed'), last
+    assert 'pip install ".[det]"' in last

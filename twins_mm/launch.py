@@ -6,6 +6,7 @@ the dataset check before anything heavy is built, and CPU-only distributed runs 
 0.10.7 calls ``torch.cuda.set_device`` and passes ``device_ids`` to DDP, and torch's
 SyncBatchNorm refuses CPU tensors).
 """
+import importlib.util
 import os
 import os.path as osp
 import sys
@@ -20,6 +21,14 @@ from mmengine.runner import Runner
 from twins_mm.data_check import DatasetCheckError, check_datasets
 
 SUPPORTED_SCOPES = ('mmseg', 'mmdet')
+# scope -> (the distribution that provides it, twins_mm's extra that installs it)
+SCOPE_PACKAGES = {'mmseg': ('mmsegmentation', 'seg'), 'mmdet': ('mmdet', 'det')}
+
+
+def _install_hint(scope: str) -> str:
+    package, extra = SCOPE_PACKAGES[scope]
+    return (f'{package} is not installed: install it with pip install ".[{extra}]" from the '
+            f'twins_mm clone (or pip install {package})')
 
 # Known upstream deprecation warnings that say nothing to a user of our tools, as
 # (message, category, module that triggers it). mmengine 0.10 imports and then reloads
@@ -64,7 +73,15 @@ def load_config(args) -> Config:
     """Config.fromfile + ``--cfg-options`` + launcher + work_dir, as the upstream tools do."""
     if not osp.isfile(args.config):
         sys.exit(f'error: config file {args.config!r} does not exist.')
-    cfg = Config.fromfile(args.config)
+    try:
+        cfg = Config.fromfile(args.config)
+    except ModuleNotFoundError as err:
+        # mmengine's error for an 'mmseg::' / 'mmdet::' base whose library is missing
+        scope = next((s for s, (package, _) in SCOPE_PACKAGES.items()
+                      if str(err).startswith(f'{package} is not installed')), None)
+        if scope is None:
+            raise
+        sys.exit(f'error: {args.config} inherits {scope}:: configs, but {_install_hint(scope)}.')
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
@@ -81,6 +98,8 @@ def config_scope(cfg) -> str:
         sys.exit(f'error: the config sets default_scope={scope!r}; these tools run '
                  f'{" and ".join(SUPPORTED_SCOPES)} configs (add default_scope=\'mmseg\' or '
                  '\'mmdet\' to it).')
+    if importlib.util.find_spec(scope) is None:
+        sys.exit(f'error: the config sets default_scope={scope!r}, but {_install_hint(scope)}.')
     init_default_scope(scope)
     return scope
 
