@@ -136,7 +136,8 @@ class ToyDataset(torch.utils.data.Dataset):
         return dict(inputs=torch.tensor([float(i), 1.0]), labels=torch.tensor(float(i % 3)))
 
 
-def make_runner(work_dir, max_iters, resume):
+def make_runner(work_dir, max_iters, resume, model_seed=0):
+    torch.manual_seed(model_seed)  # the initial weights
     return Runner(
         model=ToyModel(), work_dir=str(work_dir), experiment_name=f'toy{max_iters}{resume}',
         train_dataloader=dict(dataset=ToyDataset(), sampler=dict(type='DefaultSampler'),
@@ -146,17 +147,42 @@ def make_runner(work_dir, max_iters, resume):
         train_cfg=dict(by_epoch=False, max_iters=max_iters, val_interval=100),
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=2, by_epoch=False),
                            logger=dict(type='LoggerHook', interval=1)),
-        resume=resume, default_scope='mmengine')
+        randomness=dict(seed=0), resume=resume, default_scope='mmengine')
 
 
 def test_runner_resume_from_its_own_checkpoint(tmp_path):
-    make_runner(tmp_path, 2, False).train()
-    assert (tmp_path / 'iter_2.pth').exists()
-    runner = make_runner(tmp_path, 4, True)
+    """Train 2 iterations, resume (through twins_mm's safe loading of the message hub's
+    HistoryBuffers and the numpy meta) to 4: weights, AdamW moments, LR schedule and logged
+    history equal those of an uninterrupted 4-iteration run. The resumed runner's model is
+    built from another seed: a resume that loaded nothing would train those weights."""
+    straight = make_runner(tmp_path / 'straight', 4, False)
+    straight.train()
+    make_runner(tmp_path / 'resumed', 2, False).train()
+    assert (tmp_path / 'resumed' / 'iter_2.pth').exists()
+    runner = make_runner(tmp_path / 'resumed', 4, True, model_seed=1)
     runner.train()
     assert runner.iter == 4
-    ckpt = _load_checkpoint(str(tmp_path / 'iter_4.pth'))
-    assert ckpt['meta']['iter'] == 4 and 'optimizer' in ckpt
+    a = _load_checkpoint(str(tmp_path / 'straight' / 'iter_4.pth'))
+    b = _load_checkpoint(str(tmp_path / 'resumed' / 'iter_4.pth'))
+    assert a['meta']['iter'] == b['meta']['iter'] == 4
+    assert a['state_dict'].keys() == b['state_dict'].keys()
+    for key, value in a['state_dict'].items():
+        torch.testing.assert_close(b['state_dict'][key], value, rtol=1e-6, atol=1e-7)
+    sa, sb = a['optimizer']['state'], b['optimizer']['state']
+    assert sa.keys() == sb.keys() and sa
+    for i in sa:
+        assert float(sa[i]['step']) == float(sb[i]['step']) == 4.
+        for moment in ('exp_avg', 'exp_avg_sq'):
+            torch.testing.assert_close(sb[i][moment], sa[i][moment], rtol=1e-6, atol=1e-9)
+    assert a['optimizer']['param_groups'][0]['lr'] == b['optimizer']['param_groups'][0]['lr']
+    assert a['param_schedulers'] == b['param_schedulers']
+    assert a['param_schedulers'][0]['last_step'] == 3  # LinearLR over iterations 0..3
+    # the resumed run's logged LR history holds the two values saved at iteration 2, then
+    # its own two: LinearLR from 0.1 to 1 of lr=0.01 over 3 steps
+    lr_a = a['message_hub']['log_scalars']['train/lr'].data[0]
+    lr_b = b['message_hub']['log_scalars']['train/lr'].data[0]
+    np.testing.assert_allclose(lr_b, lr_a, rtol=1e-7)
+    np.testing.assert_allclose(lr_a, 0.01 * np.array([0.1, 0.4, 0.7, 1.0]), rtol=1e-6)
 
 
 def test_getattr_is_restricted_to_history_buffer_statistics(tmp_path):

@@ -208,3 +208,60 @@ def test_filter_that_drops_every_image_is_an_error(tmp_path, monkeypatch):
     init_default_scope('mmdet')
     message = one_line_error(Config(dict(train_dataloader=dict(dataset=dataset))), ('train', ))
     assert '6 of 6 images' in message and 'no image is left to train on' in message
+
+
+# ----------------------------------------------------------------------------- COCO image
+# folder, unreadable images, dataset wrappers, annotation files that are not COCO
+def test_missing_coco_image_folder(tmp_path):
+    dataset = tiny_coco(tmp_path, [(1, 1, 10, 0)])
+    os.rmdir(tmp_path / 'images')
+    init_default_scope('mmdet')
+    message = one_line_error(Config(dict(train_dataloader=dict(dataset=dataset))), ('train', ))
+    assert f"image folder {str(tmp_path / 'images') + '/'!r} does not exist" in message
+    assert 'COCO layout' in message and 'make_demo_data.py coco' in message
+
+
+def test_unreadable_image_is_named(data_root):
+    image = osp.join(data_root, 'images', 'validation', 'ADE_val_00000002.jpg')
+    with open(image, 'wb') as f:
+        f.write(b'<html>404 Not Found</html>')
+    message = one_line_error(seg_cfg(data_root))
+    assert message.startswith(f'cannot read {image!r} as an image')
+    assert 'replace or remove the file' in message
+
+
+@pytest.mark.parametrize('wrapper', ['RepeatDataset', 'ClassBalancedDataset', 'ConcatDataset'])
+def test_datasets_inside_wrappers_are_checked(data_root, tmp_path, wrapper):
+    """The datasets inside RepeatDataset / ClassBalancedDataset (``dataset``) and
+    ConcatDataset (``datasets``, the second one broken here) are checked one by one."""
+    cfg = seg_cfg(data_root)
+    good = cfg.train_dataloader.dataset
+    missing = str(tmp_path / 'second_ade')
+    bad = Config(dict(good.to_dict(), data_root=missing))
+    if wrapper == 'ConcatDataset':
+        cfg.train_dataloader.dataset = dict(type=wrapper, datasets=[good, bad])
+    else:
+        cfg.train_dataloader.dataset = dict(type=wrapper, dataset=bad, times=2, oversample_thr=0.1)
+    message = one_line_error(cfg, ('train', ))
+    assert message.startswith(f'train dataset (ADE20KDataset): data_root {missing!r} does not '
+                              'exist')
+    cfg.train_dataloader.dataset = (dict(type=wrapper, datasets=[good, good])
+                                    if wrapper == 'ConcatDataset' else
+                                    dict(type=wrapper, dataset=good, times=2))
+    check_datasets(cfg, ('train', ))
+
+
+@pytest.mark.parametrize('content,problem', [
+    ('{"images": [1, 2', 'is not COCO JSON'),        # cut short
+    ('[{"file_name": "1.jpg"}]', 'is not COCO JSON'),  # a list, e.g. an ODGT / label file
+    ('{"annotations": []}', 'lists no images (empty split)'),
+    ('not json at all', 'is not COCO JSON'),
+])
+def test_annotation_file_that_is_not_coco(tmp_path, content, problem):
+    dataset = tiny_coco(tmp_path, [(1, 1, 10, 0)])
+    ann_file = tmp_path / 'ann.json'
+    ann_file.write_text(content)
+    init_default_scope('mmdet')
+    message = one_line_error(Config(dict(train_dataloader=dict(dataset=dataset))), ('train', ))
+    assert f'annotation file {str(ann_file)!r} {problem}' in message
+    assert message.startswith('train dataset (CocoDataset): ')
