@@ -1,0 +1,6 @@
+# Twins-PCPVT-B Cascade Mask R-CNN, COCO 3x (36 epochs, multi-scale), 8x2 images.
+_base_ = ['./_base_/det_cascade_mask_rcnn_3x.py']
+checkpoint = 'https://download.openmmlab.com/mmsegmentation/v0.5/pretrain/twins/pcpvt_base_20220308-0621964c.pth'  # noqa: E501
+model = dict(
+    backbone=dict(type='TwinsPCPVT', arch='base', init_cfg=dict(checkpoint=checkpoint)),
+    neck=dict(in_channels=[64, 128, 320, 512]))

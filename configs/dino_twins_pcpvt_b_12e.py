@@ -1,0 +1,6 @@
+# Twins-PCPVT-B DINO 4-scale, COCO 12 epochs, 8x2 images.
+_base_ = ['./_base_/det_dino_4scale_12e.py']
+checkpoint = 'https://download.openmmlab.com/mmsegmentation/v0.5/pretrain/twins/pcpvt_base_20220308-0621964c.pth'  # noqa: E501
+model = dict(
+    backbone=dict(type='TwinsPCPVT', arch='base', init_cfg=dict(checkpoint=checkpoint)),
+    neck=dict(in_channels=[128, 320, 512]))  # stages 1-3 (strides 8, 16, 32)

@@ -1,0 +1,8 @@
+# Twins-SVT-S + Mask2Former, ADE20K 512x512, 160k iterations, 8x2 images.
+_base_ = ['./_base_/seg_mask2former_160k.py']
+checkpoint = 'https://download.openmmlab.com/mmsegmentation/v0.5/pretrain/twins/alt_gvt_small_20220308-7e1c3695.pth'  # noqa: E501
+model = dict(
+    backbone=dict(
+        type='TwinsSVT', arch='small',
+        init_cfg=dict(checkpoint=checkpoint)),
+    decode_head=dict(in_channels=[64, 128, 256, 512]))
