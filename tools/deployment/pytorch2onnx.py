@@ -75,6 +75,26 @@ class WholeImageSegmentor(nn.Module):
                              align_corners=self.segmentor.decode_head.align_corners)
 
 
+def summarise_mismatch(message: str, shown: int = 3) -> str:
+    """mmengine's strict-load error (one line per shape mismatch, then the unexpected and
+    missing keys) in one line: a few of each kind and how many there are."""
+    mismatches = [line for line in message.splitlines() if line.startswith('size mismatch')]
+    parts = []
+    if mismatches:
+        more = f' (and {len(mismatches) - shown} more)' if len(mismatches) > shown else ''
+        parts.append(f'{len(mismatches)} shape mismatches: '
+                     + '; '.join(m.replace('size mismatch for ', '') for m in mismatches[:shown])
+                     + more)
+    for line in message.splitlines():
+        for title, name in (('unexpected key in source state_dict: ', 'unexpected keys'),
+                            ('missing keys in source state_dict: ', 'missing keys')):
+            if line.startswith(title):
+                keys = line[len(title):].split(', ')
+                more = f', ... ({len(keys)} in all)' if len(keys) > shown else ''
+                parts.append(f'{name}: {", ".join(keys[:shown])}{more}')
+    return ' | '.join(parts) or ' '.join(message.split())
+
+
 def build_segmentor(config: str, checkpoint: str = None, cfg_options: dict = None) -> nn.Module:
     from mmengine.config import Config
     from mmengine.registry import MODELS, init_default_scope
@@ -90,7 +110,12 @@ def build_segmentor(config: str, checkpoint: str = None, cfg_options: dict = Non
         raise SystemExit(f'{config} is not a segmentation model (no decode_head); only '
                          'backbones and mmseg encoder-decoders can be exported here.')
     if checkpoint:
-        load_checkpoint(model, checkpoint, map_location='cpu')
+        # strict: a checkpoint of another model must not export random weights silently.
+        try:
+            load_checkpoint(model, checkpoint, map_location='cpu', strict=True)
+        except RuntimeError as error:
+            raise SystemExit(f'error: {checkpoint} does not fit the model of {config}: '
+                             f'{summarise_mismatch(str(error))}') from None
     return WholeImageSegmentor(model).eval()
 
 
@@ -164,22 +189,35 @@ def parse_args(argv=None):
         p.error(f'sizes must be at least {MIN_SIZE}')
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         p.error(f'--checkpoint {args.checkpoint} does not exist')
+    if args.config and not os.path.isfile(args.config):
+        p.error(f'--config {args.config} does not exist')
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        p.error(f'--out {args.out}: the folder {out_dir} does not exist; create it first')
     return args
 
 
 def main(argv=None):
+    from twins_mm.checkpoints import CheckpointLayoutError, UnreadableCheckpointError
     args = parse_args(argv)
-    if args.config:
-        model = build_segmentor(args.config, args.checkpoint, args.cfg_options)
-    else:
-        family, arch = ARCHS[args.arch]
-        init = dict(type='Pretrained', checkpoint=args.checkpoint) if args.checkpoint else None
-        model = getattr(twins_mm, family)(arch, init_cfg=init).eval()
-        if args.checkpoint:
-            model.init_weights()
+    try:
+        if args.config:
+            model = build_segmentor(args.config, args.checkpoint, args.cfg_options)
+        else:
+            family, arch = ARCHS[args.arch]
+            init = dict(type='Pretrained', checkpoint=args.checkpoint) if args.checkpoint else None
+            model = getattr(twins_mm, family)(arch, init_cfg=init).eval()
+            if args.checkpoint:
+                model.init_weights()
+    except (CheckpointLayoutError, UnreadableCheckpointError) as error:
+        raise SystemExit(f'error: {error}') from None
     export_onnx(model, torch.randn(2, 3, *args.shape), args.out, args.opset)
     sizes = list(zip(args.check_sizes[::2], args.check_sizes[1::2]))
-    worst = check_onnx(model, args.out, sizes)
+    try:
+        worst = check_onnx(model, args.out, sizes)
+    except AssertionError as error:
+        raise SystemExit(f'error: {args.out} was written but does not compute what the '
+                         f'PyTorch model computes: {error}') from None
     print(f'wrote {args.out}; onnxruntime matches PyTorch within {worst:.1e} at '
           f'{", ".join(f"{h}x{w}" for h, w in sizes)}')
 
