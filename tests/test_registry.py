@@ -158,7 +158,8 @@ with torch.no_grad():
 flat = out if isinstance(out, torch.Tensor) else [t for level in out for t in level]
 flat = flat if isinstance(flat, list) else [flat]
 assert hidden not in sys.modules and not any(m.startswith(hidden + '.') for m in sys.modules)
-print(json.dumps(dict(backbone=type(model.backbone).__module__ + '.' + type(model.backbone).__name__,
+backbone = type(model.backbone)
+print(json.dumps(dict(backbone=backbone.__module__ + '.' + backbone.__name__,
                       shapes=[list(t.shape) for t in flat])))
 """
 
