@@ -402,6 +402,8 @@ def test_gpu_preset_runs_its_sections_within_the_budget(capsys):
     assert [(r['variant'], r['batch']) for r in rows] == [('svt-s', '2'), ('svt-s', '8'),
                                                           ('svt-s', '32')]
     assert [r['batch'] for r in ratio_table(out, 'inference')[1]] == ['1', '8', '32']
-    check_ratio_columns(header, rows)
+    # ours/mmseg at each of the three batch sizes, in both tables
+    assert check_ratio_columns(header, rows) == 3
+    assert check_ratio_columns(*ratio_table(out, 'inference')) == 3
     skipped = re.findall(r'## \[skipped\] (.*?):', out)
     assert len(skipped) == len(benchmark.PRESET_SECTIONS['gpu']) - 1, out
