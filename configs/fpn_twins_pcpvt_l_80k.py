@@ -1,4 +1,5 @@
-# Twins-PCPVT-L + Semantic FPN, ADE20K 512x512, 80k iterations, 8x4 images.
+# Twins-PCPVT-L + Semantic FPN, ADE20K 512x512, 80k iterations, 4 GPUs x 4 images
+# (global batch 16, the paper's).
 _base_ = ['./_base_/seg_fpn_80k.py']
 checkpoint = 'https://download.openmmlab.com/mmsegmentation/v0.5/pretrain/twins/pcpvt_large_20220308-37579dc6.pth'  # noqa: E501
 model = dict(

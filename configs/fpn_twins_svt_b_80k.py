@@ -1,4 +1,5 @@
-# Twins-SVT-B + Semantic FPN, ADE20K 512x512, 80k iterations, 8x4 images.
+# Twins-SVT-B + Semantic FPN, ADE20K 512x512, 80k iterations, 4 GPUs x 4 images
+# (global batch 16, the paper's).
 _base_ = ['./_base_/seg_fpn_80k.py']
 checkpoint = 'https://download.openmmlab.com/mmsegmentation/v0.5/pretrain/twins/alt_gvt_base_20220308-1b7eb711.pth'  # noqa: E501
 model = dict(

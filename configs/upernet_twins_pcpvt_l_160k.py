@@ -1,4 +1,5 @@
-# Twins-PCPVT-L + UPerNet, ADE20K 512x512, 160k iterations, 8x2 images.
+# Twins-PCPVT-L + UPerNet, ADE20K 512x512, 160k iterations, 8 GPUs x 2 images
+# (global batch 16, the paper's).
 _base_ = ['./_base_/seg_upernet_160k.py']
 checkpoint = 'https://download.openmmlab.com/mmsegmentation/v0.5/pretrain/twins/pcpvt_large_20220308-37579dc6.pth'  # noqa: E501
 model = dict(

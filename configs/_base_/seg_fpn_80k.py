@@ -29,3 +29,6 @@ param_scheduler = [
     dict(type='PolyLR', power=0.9, eta_min=1e-6, begin=0, end=80000, by_epoch=False)
 ]
 train_dataloader = dict(batch_size=4)
+# The paper's global batch: 16 = 4 GPUs x 4 images (the official configs set 4 images/GPU).
+# --auto-scale-lr scales lr by (GPUs x train_dataloader.batch_size) / 16.
+auto_scale_lr = dict(enable=False, base_batch_size=16)

@@ -37,3 +37,6 @@ param_scheduler = [
     dict(type='PolyLR', power=1.0, eta_min=0.0, begin=1500, end=160000, by_epoch=False),
 ]
 train_dataloader = dict(batch_size=2)
+# The paper's global batch: 16 = 8 GPUs x 2 images (the official configs and logs).
+# --auto-scale-lr scales lr by (GPUs x train_dataloader.batch_size) / 16.
+auto_scale_lr = dict(enable=False, base_batch_size=16)
