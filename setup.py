@@ -34,11 +34,12 @@ INSTALL_REQUIRES = [
     # and mmdet 3.x require mmengine < 1.0.
     'mmengine>=0.10.3,<1.0.0',
     # mmdet 3.3.0 and mmseg 1.2.2 refuse mmcv >= 2.2.0. mmcv must be built with its ops for
-    # the installed torch (mim install, or a source build): see README "Use it in your
-    # environment".
+    # the installed torch; prebuilt mmcv 2.1 wheels stop at torch 2.1, so with torch >= 2.7 it
+    # is compiled from source (docs/install.md).
     'mmcv>=2.0.0,<2.2.0',
     'numpy',
-    # timm's Twins releases are .safetensors files; torch.load reads them only from 2.13.
+    # timm's Twins releases are .safetensors files; twins_mm/checkpoints.py reads them with
+    # the safetensors library (safetensors.torch.load_file) on every torch version.
     'safetensors>=0.4.0',
 ]
 
@@ -50,6 +51,8 @@ EXTRAS_REQUIRE = {
     # mmseg 1.0 and mmdet 3.0; tested with mmsegmentation 1.2.2 and mmdet 3.3.0.
     'seg': ['mmsegmentation>=1.0.0,<2.0.0', PKG_RESOURCES],
     'det': ['mmdet>=3.0.0,<4.0.0', PKG_RESOURCES],
+    # ONNX export and its onnxruntime check (tools/deployment/pytorch2onnx.py).
+    'deploy': read_requirements('deploy.txt'),
     'tests': read_requirements('tests.txt'),
 }
 EXTRAS_REQUIRE['all'] = sorted(set(EXTRAS_REQUIRE['seg'] + EXTRAS_REQUIRE['det']))
