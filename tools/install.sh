@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds a working twins_mm environment on a CPU-only machine with Python 3.11.
 #
-# Order matters (see README "Install"): torch 2.13 declares setuptools>=77, while the
+# Order matters (see docs/install.md): torch 2.13 declares setuptools>=77, while the
 # mmcv 2.1.0 sdist imports pkg_resources (setuptools<70). One pip resolve of both fails,
 # so torch goes in first, mmcv is compiled under the old setuptools without build
 # isolation, then the new setuptools is restored. Re-running reuses what is installed;
