@@ -243,7 +243,8 @@ def test_checkpoint_that_is_not_a_dict_is_named(tmp_path, content, kind):
         model.init_weights()
 
 
-# The URL every SVT-S config's init_cfg names (configs/*_twins_svt_s_*.py).
+# The URL every SVT-S config's init_cfg names (configs/*_twins_svt_s_*.py); the first test
+# checks that the configs still name it.
 SVT_S_URL = ('https://download.openmmlab.com/mmsegmentation/v0.5/pretrain/twins/'
              'alt_gvt_small_20220308-7e1c3695.pth')
 
@@ -264,9 +265,17 @@ def hub_dir(tmp_path, monkeypatch):
 
 
 def test_pth_url_of_the_configs_loads_through_the_hub_cache(hub_dir):
+    """The backbone of a real config, built and initialised as a runner does: its https
+    .pth init_cfg is read through mmengine's URL loader from torch's hub cache."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    cfg = Config.fromfile(str(ROOT / 'configs' / 'retinanet_twins_svt_s_1x.py'))
+    assert cfg.model.backbone.init_cfg.checkpoint == SVT_S_URL
     sd = official_state_dict('TwinsSVT', 'small', seed=4)
     torch.save({'model': sd}, hub_dir / 'alt_gvt_small_20220308-7e1c3695.pth')
-    model = twins_mm.TwinsSVT('small', init_cfg=dict(type='Pretrained', checkpoint=SVT_S_URL))
+    init_default_scope('mmdet')
+    model = MODELS.build(cfg.model.backbone)
     model.init_weights()
     for key, value in model.state_dict().items():
         if not key.startswith('norm_list.'):
