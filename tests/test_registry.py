@@ -185,18 +185,34 @@ import runpy, sys
 sys.argv = ['tools/train.py', *sys.argv[1:]]
 runpy.run_path('tools/train.py', run_name='__main__')
 """
+# Each tool in turn; each ends with SystemExit, whose message is printed.
+TOOLS = """
+import runpy, sys
+config, work_dir, checkpoint, image = sys.argv[1:]
+for tool, args in (('tools/train.py', [config, '--work-dir', work_dir]),
+                   ('tools/test.py', [config, checkpoint, '--work-dir', work_dir]),
+                   ('tools/inference.py', [config, checkpoint, image, '--out', image + '.png'])):
+    sys.argv = [tool, *args]
+    try:
+        runpy.run_path(tool, run_name='__main__')
+    except SystemExit as e:
+        print(f'{tool}: {e.code}')
+"""
 
 
 def test_seg_config_without_mmseg_names_it_and_the_install(env_without, tmp_path):
-    """tools/train.py with one of our segmentation configs where only mmdet is installed."""
+    """The tools with one of our segmentation configs where only mmdet is installed."""
     config = 'configs/fpn_twins_svt_s_80k.py'
-    proc = run_without(env_without('mmseg'), TRAIN, config, '--work-dir', str(tmp_path / 'w'))
-    assert proc.returncode != 0
-    assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f'error: {config} inherits mmseg:: configs, but mmsegmentation is '
-                           'not installed'), last
-    assert 'pip install ".[seg]"' in last
+    (tmp_path / 'x.pth').write_bytes(b'')
+    (tmp_path / 'x.jpg').write_bytes(b'')
+    proc = run_without(env_without('mmseg'), TOOLS, config, str(tmp_path / 'w'),
+                       str(tmp_path / 'x.pth'), str(tmp_path / 'x.jpg'))
+    assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()[-3:]
+    for tool, line in zip(('train', 'test', 'inference'), lines):
+        assert line.startswith(f'tools/{tool}.py: error: {config} inherits mmseg:: configs, '
+                               'but mmsegmentation is not installed'), line
+        assert 'pip install ".[seg]"' in line, line
 
 
 def test_det_scope_without_mmdet_names_it_and_the_install(env_without, tmp_path):

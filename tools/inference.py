@@ -15,10 +15,11 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import mmcv  # noqa: E402
 import torch  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 
 import twins_mm  # noqa: E402,F401
-from twins_mm.launch import silence_upstream_deprecation_noise  # noqa: E402
+from twins_mm.launch import (read_config, require_library,  # noqa: E402
+                             silence_upstream_deprecation_noise)
 
 
 def parse_args(argv=None):
@@ -62,12 +63,13 @@ def main(argv=None):
                        (args.image, 'image')):
         if not osp.isfile(path):
             sys.exit(f'error: {what} {path!r} does not exist.')
-    cfg = Config.fromfile(args.config)
+    cfg = read_config(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     scope = cfg.get('default_scope')
     if scope not in ('mmseg', 'mmdet'):
         sys.exit(f'error: the config sets default_scope={scope!r}; expected mmseg or mmdet.')
+    require_library(scope)
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     (segment if scope == 'mmseg' else detect)(cfg, args)
     print(f'overlay written to {args.out}')

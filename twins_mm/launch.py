@@ -69,19 +69,31 @@ def build_runner(cfg):
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
 
 
-def load_config(args) -> Config:
-    """Config.fromfile + ``--cfg-options`` + launcher + work_dir, as the upstream tools do."""
-    if not osp.isfile(args.config):
-        sys.exit(f'error: config file {args.config!r} does not exist.')
+def read_config(path: str) -> Config:
+    """Config.fromfile, ending the tool with one line where the file or the library that
+    its 'mmseg::' / 'mmdet::' bases come from is missing."""
+    if not osp.isfile(path):
+        sys.exit(f'error: config file {path!r} does not exist.')
     try:
-        cfg = Config.fromfile(args.config)
+        return Config.fromfile(path)
     except ModuleNotFoundError as err:
         # mmengine's error for an 'mmseg::' / 'mmdet::' base whose library is missing
         scope = next((s for s, (package, _) in SCOPE_PACKAGES.items()
                       if str(err).startswith(f'{package} is not installed')), None)
         if scope is None:
             raise
-        sys.exit(f'error: {args.config} inherits {scope}:: configs, but {_install_hint(scope)}.')
+        sys.exit(f'error: {path} inherits {scope}:: configs, but {_install_hint(scope)}.')
+
+
+def require_library(scope: str) -> None:
+    """Ends the tool with one line where the library of a config's scope is missing."""
+    if importlib.util.find_spec(scope) is None:
+        sys.exit(f'error: the config sets default_scope={scope!r}, but {_install_hint(scope)}.')
+
+
+def load_config(args) -> Config:
+    """Config.fromfile + ``--cfg-options`` + launcher + work_dir, as the upstream tools do."""
+    cfg = read_config(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
@@ -98,8 +110,7 @@ def config_scope(cfg) -> str:
         sys.exit(f'error: the config sets default_scope={scope!r}; these tools run '
                  f'{" and ".join(SUPPORTED_SCOPES)} configs (add default_scope=\'mmseg\' or '
                  '\'mmdet\' to it).')
-    if importlib.util.find_spec(scope) is None:
-        sys.exit(f'error: the config sets default_scope={scope!r}, but {_install_hint(scope)}.')
+    require_library(scope)
     init_default_scope(scope)
     return scope
 
