@@ -4,8 +4,10 @@ The same runs as tests/e2e/test_e2e_amp.py, with nothing bypassed: ``tools/train
 (mmengine's AmpOptimWrapper, dynamic loss scale, fp16) on the Semantic FPN and RetinaNet
 Twins-SVT-S configs, and the Mask R-CNN 3x config with its own wrapper (AmpOptimWrapper,
 static loss scale 512, fp16), on demo data, each against an fp32 run of the same seed,
-weights and data. These need mmcv with its compiled CUDA ops, mmseg and mmdet; where they
-are missing the tests are skipped with the import error.
+weights and data. These need mmseg and mmdet, and the detection runs mmcv's CUDA ops (NMS,
+RoIAlign): where a package does not import the tests are skipped with the import error, and
+where mmcv was built without CUDA ops (it imports, then fails on the first CUDA tensor) the
+detection tests are skipped with that reason (``tests/gpu/common.py``).
 
 Bounds (not yet calibrated on a GPU; the CPU bf16 runs of tests/e2e/test_e2e_amp.py measured
 loss differences <= 2.3e-3 and update cosines >= 0.948): every loss finite; FPN and
@@ -22,6 +24,7 @@ from tests.gpu.amp_training import (MASK_RCNN_3X_CONFIG, RETINANET_CONFIG, SEG_C
                                     det_options, make_coco_workspace, make_seg_workspace,
                                     relative_differences, run_train, seg_options,
                                     update_agreement)
+from tests.gpu.common import skip_without_mmcv_cuda_ops
 
 pytestmark = pytest.mark.cuda
 
@@ -67,6 +70,7 @@ def test_segmentation_amp_flag_fp16(tmp_path):
 
 
 def test_retinanet_amp_flag_fp16(tmp_path):
+    skip_without_mmcv_cuda_ops()
     ws = make_coco_workspace(str(tmp_path), num_train=8, size=(320, 256))
     opts = det_options(ws, epochs=1)
     fp32 = run_train(RETINANET_CONFIG, str(tmp_path / 'fp32'), opts)
@@ -80,6 +84,7 @@ def test_mask_rcnn_3x_own_amp_wrapper_fp16(tmp_path):
     (fp16 on CUDA), multi-scale train pipeline. The fp32 run is the same wrapper with
     ``optim_wrapper.dtype=float32`` (torch then disables CUDA autocast; the static scale of
     512 is a power of two, so scaling and unscaling are exact)."""
+    skip_without_mmcv_cuda_ops()
     from mmengine.optim import AmpOptimWrapper
     ws = make_coco_workspace(str(tmp_path), num_train=8, size=(320, 256))
     opts = det_options(ws, epochs=1, resize=False)

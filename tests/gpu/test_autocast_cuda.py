@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.gpu.common import (FAMILIES, cosine, cuda_training_setup, gradients,
-                              projection_loss, relative_error)
+                              projection_loss, relative_error, skip_without_native_bf16)
 
 pytestmark = pytest.mark.cuda
 
@@ -52,8 +52,8 @@ def _step(model, x, weights, dtype, seed):
 @pytest.mark.parametrize('family', FAMILIES)
 def test_backbone_autocast_training_step_matches_fp32(family, dtype, with_cp):
     dtype = getattr(torch, dtype)
-    if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        pytest.skip('this GPU has no bfloat16')
+    if dtype is torch.bfloat16:
+        skip_without_native_bf16()
     model, recorder, x, weights = cuda_training_setup(family, 4, (224, 320), 0.3, with_cp)
 
     ref_outs, ref_grads, _ = _step(model, x, weights, None, seed=1)

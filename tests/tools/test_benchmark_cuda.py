@@ -1,7 +1,9 @@
 """benchmark.py's CUDA path, on known work: a GPU spin of known length, a known allocation.
 
-Marked ``cuda``: skipped with the reason where torch sees no GPU (tests/conftest.py). Run
-on a GPU machine with ``python3 -m pytest -m cuda tests/tools/test_benchmark_cuda.py``.
+Marked ``cuda``: skipped with the reason where torch sees no GPU (tests/conftest.py), the
+bf16 case also where the GPU has no native bf16. The TF32 switches the tool turns on are
+restored after each test (tests/conftest.py). Run on a GPU machine with
+``python3 -m pytest -m cuda tests/tools/test_benchmark_cuda.py``.
 No speed target is asserted: only that the tool measures what was put there.
 """
 import os
@@ -14,6 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(REPO, 'tools', 'analysis_tools'))
 
 import benchmark  # noqa: E402
+from tests.gpu.common import skip_without_native_bf16  # noqa: E402
 from tests.tools.test_benchmark_and_flops import (KnownCost, check_ratio_columns,  # noqa: E402
                                                   hold_mib, ratio_table)
 
@@ -58,6 +61,7 @@ def test_cuda_peak_memory_counts_a_known_allocation_and_not_other_models():
 def test_bf16_and_reduce_overhead_compile_run_on_the_real_backbone(capsys):
     """The preset's settings on a small input: bf16 autocast, twins_mm compiled with CUDA
     graphs beside its eager self; every ratio is the quotient of its columns."""
+    skip_without_native_bf16()
     benchmark.main(['--device', 'cuda', '--arch', 'svt-s', '--size', '64', '--batch', '2',
                     '--runs', '3', '--warmup', '3', '--amp', 'bf16', '--compile',
                     '--compile-mode', 'reduce-overhead', '--no-detail', '--no-timm'])
