@@ -9,11 +9,19 @@ fp32 gradient (same weights, input and stochastic-depth draw) is at least ``MIN_
 outputs agree to ``OUT_RTOL`` of their scale. bfloat16 keeps 8 significant bits (relative
 rounding ~4e-3 per operation); measured worst cases over these tests: cosine 0.9993,
 output error 1.6 % of the output's scale.
+
+The models are the variants' own widths, heads, MLP ratios, sub-sampling and windows with two
+blocks per stage (``tests.helpers.shallow_arch``): the blocks of a stage run the same code, and
+two per stage keep every path of the full depth (the PEG between block 0 and block 1, SVT's
+LSA and GSA blocks). The six variants differ from each other only in those widths and
+depths (PCPVT-B/L from S only in depth), so they are checked in one test; the other tests
+vary what does take another path (stochastic-depth draws, padded or whole windows,
+activation checkpointing, frozen stages, inference) on the small variant.
 """
 import pytest
 import torch
 
-from tests.helpers import VARIANTS, build_backbone
+from tests.helpers import VARIANTS, build_backbone, shallow_arch
 
 MIN_COSINE = 0.99
 OUT_RTOL = 0.05
@@ -24,6 +32,10 @@ DRAWS = {  # which of the 3 samples each stochastic-depth branch keeps
     'none_dropped': [True, True, True],
     'all_dropped': [False, False, False],
 }
+
+
+def build(family, arch='small', **kwargs):
+    return build_backbone(family, shallow_arch(family, arch, depth=2), **kwargs)
 
 
 def force_draw(model, keep):
@@ -71,10 +83,22 @@ def assert_close_to_fp32(model, x):
         assert cos >= MIN_COSINE, f'{name}: cosine {cos:.4f}'
 
 
-@pytest.mark.parametrize('family,arch', VARIANTS)
+# Two blocks per stage make PCPVT-B and -L the same model as PCPVT-S (they differ in depth
+# only; checked below), so the distinct variants are these four.
+DISTINCT_VARIANTS = [('TwinsPCPVT', 'small'), ('TwinsSVT', 'small'), ('TwinsSVT', 'base'),
+                     ('TwinsSVT', 'large')]
+
+
+def test_distinct_variants_cover_all_six():
+    shallow = {v: shallow_arch(*v, depth=2) for v in VARIANTS}
+    for variant in VARIANTS:
+        assert any(shallow[variant] == shallow[d] for d in DISTINCT_VARIANTS), variant
+
+
+@pytest.mark.parametrize('family,arch', DISTINCT_VARIANTS)
 def test_bf16_autocast_training_all_variants(family, arch):
     torch.manual_seed(0)
-    model = build_backbone(family, arch, drop_path_rate=0.2).train()
+    model = build(family, arch, drop_path_rate=0.2).train()
     force_draw(model, DRAWS['partly_dropped'])
     assert_close_to_fp32(model, torch.randn(3, 3, *SIZES['padded']))
 
@@ -82,7 +106,7 @@ def test_bf16_autocast_training_all_variants(family, arch):
 @pytest.mark.parametrize('family', ['TwinsPCPVT', 'TwinsSVT'])
 def test_bf16_autocast_training_whole_windows(family):
     torch.manual_seed(0)
-    model = build_backbone(family, 'small', drop_path_rate=0.2).train()
+    model = build(family, drop_path_rate=0.2).train()
     force_draw(model, DRAWS['partly_dropped'])
     assert_close_to_fp32(model, torch.randn(3, 3, *SIZES['whole']))
 
@@ -91,7 +115,7 @@ def test_bf16_autocast_training_whole_windows(family):
 @pytest.mark.parametrize('family', ['TwinsPCPVT', 'TwinsSVT'])
 def test_bf16_autocast_stochastic_depth_draws(family, draw):
     torch.manual_seed(0)
-    model = build_backbone(family, 'small', drop_path_rate=0.3).train()
+    model = build(family, drop_path_rate=0.3).train()
     force_draw(model, DRAWS[draw])
     assert_close_to_fp32(model, torch.randn(3, 3, *SIZES['padded']))
 
@@ -99,7 +123,7 @@ def test_bf16_autocast_stochastic_depth_draws(family, draw):
 @pytest.mark.parametrize('family', ['TwinsPCPVT', 'TwinsSVT'])
 def test_bf16_autocast_with_cp_and_frozen_stages(family):
     torch.manual_seed(0)
-    model = build_backbone(family, 'small', drop_path_rate=0.2, with_cp=True,
+    model = build(family, drop_path_rate=0.2, with_cp=True,
                            frozen_stages=1).train()
     force_draw(model, DRAWS['partly_dropped'])
     assert_close_to_fp32(model, torch.randn(3, 3, *SIZES['padded']))
@@ -110,7 +134,7 @@ def test_bf16_autocast_with_cp_and_frozen_stages(family):
 def test_autocast_outputs_are_bf16_and_inference_matches(family):
     """Autocast inference takes the autocast path (bf16 outputs), not the fp32-only kernels."""
     torch.manual_seed(0)
-    model = build_backbone(family, 'small').eval()
+    model = build(family).eval()
     x = torch.randn(2, 3, *SIZES['padded'])
     with torch.no_grad():
         ref = model(x)
