@@ -175,7 +175,19 @@ class TestSegConfig:
         assert cfg.train_dataloader.sampler.type == 'InfiniteSampler'
 
     def test_train_and_predict_step(self, built):
+        """A train step and a test step of the S configs (both backbone families under
+        each head); the B and L configs build the same segmentor around the same backbone
+        class with other widths and depths only (test_model_structure), so their step runs
+        the same code: for them one forward shows the neck / head take the backbone's
+        widths."""
         model, cfg = built.model, built.cfg
+        if not built.variant.endswith('_s'):
+            model.eval()
+            with torch.no_grad():
+                logits = model._forward(torch.randn(1, 3, SIZE, SIZE))
+            assert logits.shape == (1, 150, SIZE // 4, SIZE // 4)
+            assert torch.isfinite(logits).all()
+            return
         wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
         data = batch()
         model.train()
