@@ -3,6 +3,7 @@ a config that records the rank-averaged loss, and subprocess runners for tools/*
 import importlib.util
 import os
 import os.path as osp
+import socket
 import subprocess
 import sys
 
@@ -64,6 +65,12 @@ def small_run_options(ws: dict, iters: int, checkpoint_every: int, batch: int = 
     if loss_file:
         opts.append(f'custom_hooks.0.out_file={loss_file}')
     return opts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def tool_env() -> dict:

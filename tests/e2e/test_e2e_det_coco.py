@@ -13,6 +13,7 @@ import pytest
 import torch
 from mmengine.logging.history_buffer import HistoryBuffer
 
+from tests.e2e.seg_support import derived_config, free_port, tool_env
 from twins_mm.demo_data.coco import coco_cfg_options, make_coco
 from twins_mm.testing import official_state_dict
 
@@ -167,14 +168,67 @@ def test_mask_rcnn_train_and_test_bbox_and_segm(coco, tmp_path):
         assert trained[key] >= untrained[key] + MAP_50_MARGIN, (task, trained, untrained)
 
 
-def test_distributed_two_gloo_processes(coco, tmp_path):
-    """tools/dist_train.sh with 2 CPU processes: the 4 images are split between the ranks,
-    so an epoch is 1 iteration of 2 x 2 images instead of 2 iterations."""
-    work_dir = str(tmp_path / 'dist')
-    env = dict(os.environ, PORT=str(29500 + os.getpid() % 1000), OMP_NUM_THREADS='1',
-               PYTHON=sys.executable)
-    run(['bash', osp.join('tools', 'dist_train.sh'), RETINANET, '2', '--work-dir', work_dir,
-         '--cfg-options', *small_options(coco, 2)], env=env)
-    ckpt = load(osp.join(work_dir, 'epoch_2.pth'))
-    assert ckpt['meta']['epoch'] == 2 and ckpt['meta']['iter'] == 2
-    assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values())
+def read_losses(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+# Loss per optimizer step, 2 gloo processes vs one process: float32 summation order (gloo's
+# all-reduce, one vs two CPU threads) amplified a little by AdamW over two steps.
+DIST_LOSS_RTOL = 1e-5
+
+
+def test_distributed_two_gloo_processes_match_one_process(coco, tmp_path):
+    """tools/dist_train.sh with 2 CPU processes (gloo) follows one process with the same
+    global batch: same loss at each optimizer step, same LR, same weights at the end.
+
+    What makes the two comparable: RetinaNet normalises each process's loss by the positive
+    anchors of that process's images, and DDP averages the gradients of the processes; so
+    the single process accumulates the gradients of two batches of one image
+    (``optim_wrapper.accumulative_counts=2``: the backward of each halved loss adds to the
+    gradient, one optimizer step every two iterations). The 4 images split between the
+    ranks as r::2 of one seeded permutation (DefaultSampler), i.e. the images the single
+    process takes in pairs. No
+    flip, no drop path, and no warm-up (iteration-based schedules count iterations, two
+    per step in the single process); the loss averaged over ranks is recorded by
+    tests/e2e/loss_probe.py."""
+    config = derived_config(
+        str(tmp_path / 'probe_retinanet.py'), osp.join(REPO, RETINANET),
+        "custom_imports = dict(imports=['twins_mm', 'tests.e2e.loss_probe'],\n"
+        "                      allow_failed_imports=False)\n"
+        "custom_hooks = [dict(type='GlobalLossProbeHook', out_file=None)]\n")
+    opts = small_options(coco, 1) + ['train_dataloader.batch_size=1',
+                                     'param_scheduler.0.start_factor=1.0']
+
+    single_losses = str(tmp_path / 'single.jsonl')
+    run(tool('train.py', config, '--work-dir', str(tmp_path / 'single'), '--cfg-options',
+             *opts, 'optim_wrapper.accumulative_counts=2',
+             f'custom_hooks.0.out_file={single_losses}'), env=tool_env())
+
+    dist_losses = str(tmp_path / 'dist.jsonl')
+    env = dict(tool_env(), PORT=str(free_port()), OMP_NUM_THREADS='1', PYTHON=sys.executable)
+    proc = run(['bash', osp.join('tools', 'dist_train.sh'), config, '2', '--work-dir',
+                str(tmp_path / 'dist'), '--cfg-options', *opts,
+                f'custom_hooks.0.out_file={dist_losses}'], env=env)
+    assert 'distributed run on the gloo backend' in proc.stdout + proc.stderr
+
+    single, dist = read_losses(single_losses), read_losses(dist_losses)
+    assert [r['iter'] for r in single] == [1, 2, 3, 4]
+    assert [r['iter'] for r in dist] == [1, 2]
+    for step, d in enumerate(dist):
+        pair = single[2 * step:2 * step + 2]
+        # The rank-averaged loss is the mean of the two images' losses.
+        expected = (pair[0]['loss'] + pair[1]['loss']) / 2
+        assert d['loss'] == pytest.approx(expected, rel=DIST_LOSS_RTOL), (step, d, pair)
+        assert d['lr'] == pytest.approx(pair[0]['lr'], rel=1e-9)
+    # Not a flat curve: the comparison would be vacuous if nothing trained.
+    assert dist[1]['loss'] != pytest.approx(dist[0]['loss'], rel=1e-3)
+
+    a = load(str(tmp_path / 'single' / 'epoch_1.pth'))
+    b = load(str(tmp_path / 'dist' / 'epoch_1.pth'))
+    assert (a['meta']['epoch'], a['meta']['iter']) == (1, 4)
+    assert (b['meta']['epoch'], b['meta']['iter']) == (1, 2)
+    assert a['state_dict'].keys() == b['state_dict'].keys()
+    for key, value in a['state_dict'].items():
+        torch.testing.assert_close(b['state_dict'][key], value, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f'{key}: {m}')

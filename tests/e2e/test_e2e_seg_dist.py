@@ -10,24 +10,17 @@ instead of SyncBN on CPU) differ from whole-batch ones; and the loss averaged ov
 over all pixels of equal-sized images, so the mean of per-rank means is the batch mean.
 """
 import os.path as osp
-import socket
 import subprocess
 
 import pytest
 
-from tests.e2e.seg_support import (REPO, derived_config, make_workspace, read_losses, run_tool,
-                                   small_run_options, tool_env)
+from tests.e2e.seg_support import (REPO, derived_config, free_port, make_workspace, read_losses,
+                                   run_tool, small_run_options, tool_env)
 
 ITERS = 4
 # Summation order differs (gloo all-reduce vs one batch): float32 noise, amplified a little
 # by Adam's normalisation over a few steps.
 LOSS_RTOL = 1e-5  # measured: about 1e-7
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')

@@ -15,8 +15,14 @@ AmpOptimWrapper config into fp32) and the ``is_cuda_available`` that
 (mmengine's ``autocast``, which picks the device and dtype itself), its GradScaler,
 ``update_params`` and the model, is the code that runs on a GPU. mmengine builds the
 GradScaler for CUDA; without a GPU torch disables it (scale 1, ``step`` = optimizer step),
-which bf16 does not need.
+which bf16 does not need. ``cpu_grad_scaler=True`` (CPU runs) builds that scaler for the
+CPU's tensors instead (``torch.amp.GradScaler('cpu')``, the class mmengine's CUDA scaler
+derives from), so that its scaling and unscaling really run and can be checked.
+
+Each run records the gradients of the backbone that the optimizer's first step receives
+(after the wrapper's unscaling), for comparison with an fp32 run of the same weights and data.
 """
+import functools
 import importlib.util
 import math
 import os.path as osp
@@ -25,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 AMP_WRAPPER_MODULE = 'mmengine.optim.optimizer.amp_optimizer_wrapper'
@@ -39,9 +47,32 @@ def load_train_tool():
     return module
 
 
+# The aten ops that do a backbone's multiply-accumulate work: convolutions, linear layers
+# (addmm / mm / bmm after decomposition) and attention.
+COMPUTE_OPS = ('convolution', 'addmm', 'mm', 'bmm', 'baddbmm', 'matmul', 'linear',
+               'scaled_dot_product')
+
+
+class ComputeDtypes(TorchDispatchMode):
+    """Records, per aten compute op (``COMPUTE_OPS``), the dtypes of its floating-point
+    tensor inputs, as the kernels receive them (after autocast's casts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if any(op in name for op in COMPUTE_OPS):
+            self.ops.setdefault(name, set()).update(
+                a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+        return func(*args, **(kwargs or {}))
+
+
 class BackboneProbe:
     """Forward hooks on a backbone: the autocast state inside its forward, the dtype of the
-    stem convolution's output (``patch_embeds[0].proj``) and the dtypes of its outputs."""
+    stem convolution's output (``patch_embeds[0].proj``), the dtypes of its outputs, and the
+    input dtypes of every convolution, matmul and attention kernel of its first forward."""
 
     def __init__(self, backbone: torch.nn.Module, device_type: str):
         self.backbone = backbone
@@ -50,6 +81,8 @@ class BackboneProbe:
         self.autocast: List[tuple] = []  # (enabled, dtype) per backbone forward
         self.stem_dtypes: List[torch.dtype] = []
         self.output_dtypes: List[torch.dtype] = []
+        self.kernels = ComputeDtypes()  # filled during the first forward only
+        self._recording = False
         backbone.register_forward_pre_hook(self._pre)
         backbone.register_forward_hook(self._post)
         backbone.patch_embeds[0].proj.register_forward_hook(self._stem)
@@ -58,11 +91,20 @@ class BackboneProbe:
         if self.initial is None:
             self.initial = {n: p.detach().double().cpu().clone()
                             for n, p in module.named_parameters()}
+            self.kernels.__enter__()
+            self._recording = True
         self.autocast.append((torch.is_autocast_enabled(self.device_type),
                               torch.get_autocast_dtype(self.device_type)))
 
     def _post(self, module, args, outputs):
+        if self._recording:
+            self.kernels.__exit__(None, None, None)
+            self._recording = False
         self.output_dtypes.extend(o.dtype for o in outputs)
+
+    def kernel_dtypes(self) -> dict:
+        """{aten op: dtypes of its floating-point inputs} of the first forward."""
+        return dict(self.kernels.ops)
 
     def _stem(self, module, args, output):
         self.stem_dtypes.append(output.dtype)
@@ -84,6 +126,8 @@ class TrainResult:
     probe: BackboneProbe
     runner: object = field(repr=False)
     logs: dict = field(default_factory=dict)
+    # The backbone's gradients as the optimizer's first step received them: {name: float64}.
+    first_step_grads: dict = field(default_factory=dict, repr=False)
 
     @property
     def finite(self) -> bool:
@@ -94,8 +138,36 @@ def _unwrap(model):
     return model.module if hasattr(model, 'module') else model
 
 
+def cpu_grad_scaler(monkeypatch) -> None:
+    """mmengine's AmpOptimWrapper builds ``torch.cuda.amp.GradScaler``, which disables itself
+    without a GPU; build the same scaler for CPU tensors instead (restored after the test)."""
+    import importlib
+    amp_module = importlib.import_module(AMP_WRAPPER_MODULE)
+    monkeypatch.setattr(amp_module, 'GradScaler', functools.partial(torch.amp.GradScaler, 'cpu'))
+
+
+class FirstStepGradients:
+    """Keeps the gradients of ``module``'s parameters at the first ``optimizer.step``."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.names = {id(p): n for n, p in module.named_parameters()}
+        self.grads: dict = {}
+        self.handle = register_optimizer_step_pre_hook(self._hook)
+
+    def _hook(self, optimizer, args, kwargs):
+        if self.grads:
+            return
+        for group in optimizer.param_groups:
+            for p in group['params']:
+                if id(p) in self.names and p.grad is not None:
+                    self.grads[self.names[id(p)]] = p.grad.detach().double().cpu().clone()
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
 def run_train(config: str, work_dir: str, options: List[str], *, amp: bool = False,
-              monkeypatch=None, gpu_checks_pass: bool = False,
+              monkeypatch=None, gpu_checks_pass: bool = False, cpu_scaler: bool = False,
               device_type: Optional[str] = None) -> TrainResult:
     """``python tools/train.py CONFIG --work-dir WORK_DIR [--amp] --cfg-options OPTIONS``.
 
@@ -115,13 +187,18 @@ def run_train(config: str, work_dir: str, options: List[str], *, amp: bool = Fal
         monkeypatch.setattr(amp_module, 'is_cuda_available', lambda: True)
         assert hasattr(tool, 'amp_device_available'), 'tools/train.py renamed its GPU check'
         tool.amp_device_available = lambda: True
+    if cpu_scaler:
+        assert monkeypatch is not None, 'cpu_scaler needs pytest monkeypatch'
+        cpu_grad_scaler(monkeypatch)
     captured = {}
     build_runner = tool.build_runner
 
     def build_and_probe(cfg):
         runner = build_runner(cfg)
         captured['runner'] = runner
-        captured['probe'] = BackboneProbe(_unwrap(runner.model).backbone, device_type)
+        backbone = _unwrap(runner.model).backbone
+        captured['probe'] = BackboneProbe(backbone, device_type)
+        captured['grads'] = FirstStepGradients(backbone)
         return runner
 
     tool.build_runner = build_and_probe
@@ -129,7 +206,11 @@ def run_train(config: str, work_dir: str, options: List[str], *, amp: bool = Fal
     argv = [osp.join(REPO, config), '--work-dir', work_dir]
     if amp:
         argv.append('--amp')
-    tool.main(argv + ['--cfg-options', *options, f'experiment_name={name}'])
+    try:
+        tool.main(argv + ['--cfg-options', *options, f'experiment_name={name}'])
+    finally:
+        if 'grads' in captured:
+            captured['grads'].remove()
     runner = captured['runner']
     hub = runner.message_hub
     losses = [float(v) for v in hub.get_scalar('train/loss').data[0]]
@@ -137,7 +218,7 @@ def run_train(config: str, work_dir: str, options: List[str], *, amp: bool = Fal
             for key, buf in hub.log_scalars.items()
             if key.startswith('train/loss')}
     return TrainResult(losses=losses, wrapper=runner.optim_wrapper, probe=captured['probe'],
-                       runner=runner, logs=logs)
+                       runner=runner, logs=logs, first_step_grads=captured['grads'].grads)
 
 
 # mmengine's train loops validate at the last iteration / epoch whatever val_interval says;
@@ -154,6 +235,17 @@ def update_agreement(run, reference) -> float:
     vb = torch.cat([b[n].flatten() for n in sorted(b)])
     assert vb.norm() > 0, 'the reference run did not change the backbone'
     return float(va @ vb / (va.norm() * vb.norm()).clamp_min(1e-300))
+
+
+def gradient_agreement(run, reference) -> tuple:
+    """(cosine, norm ratio) of the whole backbone gradient of ``run``'s first optimizer step
+    to ``reference``'s (same weights, data and stochastic-depth draws)."""
+    a, b = run.first_step_grads, reference.first_step_grads
+    assert a and a.keys() == b.keys(), (sorted(a)[:3], sorted(b)[:3])
+    va = torch.cat([a[n].flatten() for n in sorted(a)])
+    vb = torch.cat([b[n].flatten() for n in sorted(b)])
+    assert vb.norm() > 0, 'the reference run has no backbone gradient'
+    return float(va @ vb / (va.norm() * vb.norm())), float(va.norm() / vb.norm())
 
 
 def relative_differences(values, reference) -> List[float]:
