@@ -250,3 +250,34 @@ def test_autocast_inference_computes_in_bfloat16_without_the_fp32_kernels(monkey
         mlp_recompute=0, mlp_reference=n_blocks, partition_one_pass=n_lsa,
         merge_one_pass=n_lsa, partition_reference=0, merge_reference=0, depth_skip=0,
         depth_multiply=0)
+
+
+# --------------------------------------------------------------------------- masks
+@pytest.mark.parametrize('training', [False, True], ids=['inference', 'training'])
+def test_attention_gets_a_mask_only_where_a_map_needs_padding(monkeypatch, training):
+    """README: both attention kinds run through SDPA, and no mask is built for a map of
+    whole windows (GSA never needs one)."""
+    import torch.nn.functional as F
+    model = build('TwinsSVT', drop_path_rate=0.3 if training else 0.).train(training)
+    force_draw(model, KEEP)
+    ws = ARCHS['TwinsSVT']['window_sizes']
+    masks = []
+    real = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, **kwargs):
+        masks.append(attn_mask is not None)
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', sdpa)
+    h, w = SIZES[1]  # stage maps 14x28, 7x14 (whole windows), 3x7, 1x3 (padded)
+    expected, h, w = [], h // 4, w // 4
+    for i, stage in enumerate(model.blocks):
+        if i:
+            h, w = h // 2, w // 2
+        for block in stage:
+            lsa = isinstance(block.attn, LocallyGroupedAttention)
+            expected.append(lsa and bool(h % ws[i] or w % ws[i]))
+    assert True in expected and expected.count(False) > len(expected) // 2
+    with torch.set_grad_enabled(training):
+        model(torch.randn(len(KEEP), 3, *SIZES[1]))
+    assert masks == expected
