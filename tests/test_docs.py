@@ -23,7 +23,8 @@ METAFILES = ('configs/metafile-seg.yml', 'configs/metafile-det.yml')
 LINK = re.compile(r'\[[^\]]*\]\((?:\.\./)?configs/([A-Za-z0-9_.-]+)\.py\)')
 NUMBER = re.compile(r'^\**\s*(\d+(?:\.\d+)?)\s*\**$')
 DIGIT = re.compile(r'\d')
-ZOO_NAME = re.compile(r'^(fpn|upernet|retinanet|mask_rcnn)_twins_(pcpvt|svt)_[sbl]_(80k|160k|1x|3x)$')
+ZOO_NAME = re.compile(
+    r'^(fpn|upernet|retinanet|mask_rcnn)_twins_(pcpvt|svt)_[sbl]_(80k|160k|1x|3x)$')
 # Header (lower case, without a leading "paper ") -> what the column holds. A tuple of
 # several keys: the cell holds that many values separated by " / ".
 COLUMNS = {
@@ -241,8 +242,8 @@ def test_metafile_numbers_are_the_paper_tables_of_docs_reference():
                               (up, 'params', row[5]), (up, 'mIoU', row[6]),
                               (up, 'mIoU(ms+flip)', row[7])):
             check(cfg, key, float(val))
-    for row in rows('6.6', r'^\| Twins-((?:PCPVT|SVT)-[SBL]) \| ([^|]+?) \| ([\d.]+) \| ([\d.]+) \| '
-                           r'([\d.]+) \|$'):
+    for row in rows('6.6', r'^\| Twins-((?:PCPVT|SVT)-[SBL]) \| ([^|]+?) \| ([\d.]+) \| '
+                           r'([\d.]+) \| ([\d.]+) \|$'):
         v = row[0].lower().replace('-', '_')
         for sched, val in (('1x', row[3]), ('3x', row[4])):
             cfg = f'retinanet_twins_{v}_{sched}'

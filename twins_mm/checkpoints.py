@@ -10,6 +10,8 @@ import os
 import os.path as osp
 import pickle
 import re
+import socket
+import urllib.error
 import zipfile
 from collections import OrderedDict
 from typing import Dict, Optional, Tuple
@@ -28,6 +30,10 @@ STAGE_NORM_KEYS = re.compile(r'^norm_list\.\d+\.')
 
 class CheckpointLayoutError(ValueError):
     """The checkpoint is not a Twins checkpoint this model can take."""
+
+
+class CheckpointDownloadError(OSError):
+    """A checkpoint URL could not be fetched (no network, proxy, HTTP error)."""
 
 
 class UnreadableCheckpointError(CheckpointLayoutError):
@@ -97,10 +103,19 @@ def read_checkpoint(filename: str, map_location='cpu'):
     and the problem, instead of torch's raw ``EOFError`` / ``KeyError`` / zip errors.
     """
     if '://' in filename:
-        if urlparse(filename).scheme in ('http', 'https') and \
-                urlparse(filename).path.endswith('.safetensors'):
-            return _read_safetensors(_fetch(filename), map_location)
-        return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
+        try:
+            if urlparse(filename).scheme in ('http', 'https') and \
+                    urlparse(filename).path.endswith('.safetensors'):
+                return _read_safetensors(_fetch(filename), map_location)
+            return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
+        except (urllib.error.URLError, socket.timeout, ConnectionError) as err:
+            name = osp.basename(urlparse(filename).path)
+            cache = osp.join(torch.hub.get_dir(), 'checkpoints')
+            raise CheckpointDownloadError(
+                f'Cannot download {filename} ({err}). Without network access, download it on '
+                f'another machine and point the config at the file, e.g. --cfg-options '
+                f'model.backbone.init_cfg.checkpoint=/path/to/{name} (or copy it into {cache}).'
+            ) from err
     path = osp.expanduser(filename)
     if not osp.isfile(path):
         raise FileNotFoundError(f'Checkpoint {filename} does not exist.')

@@ -36,7 +36,7 @@ of every model and "ours / X" = twins_mm's figure divided by X's (lower is bette
 Examples
   python tools/analysis_tools/benchmark.py --arch svt-s pcpvt-s --swin swin-t
   python tools/analysis_tools/benchmark.py --config configs/fpn_twins_svt_s_80k.py
-  python tools/analysis_tools/benchmark.py --preset gpu          # every GPU table (gpu_benchmark.sh)
+  python tools/analysis_tools/benchmark.py --preset gpu          # every GPU table
 """
 import argparse
 import contextlib
