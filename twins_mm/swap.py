@@ -81,48 +81,63 @@ def _plain(obj):
 
 
 # --------------------------------------------------------------------------- the source
+def _zoo_root(package: str) -> Optional[str]:
+    """The installed config zoo of mmdet / mmseg (``<package>/.mim/configs``), or None."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    return osp.realpath(osp.join(osp.dirname(spec.origin), '.mim', 'configs'))
+
+
+def _mmengine_name(package: str, rel: str) -> Optional[str]:
+    """``package::rel`` where mmengine can read it as a ``_base_``: its pattern for such
+    names takes letters, digits and _ in the first folder (not ``gn+ws``, ``legacy_1.x``)."""
+    from mmengine.config.utils import _get_package_and_cfg_path
+    name = f'{package}::{rel}'
+    try:
+        _get_package_and_cfg_path(name)
+    except (ValueError, AssertionError):
+        return None
+    return name
+
+
 def resolve_source(src: str) -> Tuple[str, Optional[str]]:
     """Returns ``(path, package_name)``: the config file, and ``'pkg::folder/file.py'`` if it
-    is a config of an installed upstream zoo (mmdet, mmseg), else None.
+    is a config of an installed upstream zoo (mmdet, mmseg) that mmengine can name, else None
+    (then the written config inherits the source by its path).
 
-    ``pkg::`` names are resolved by mmengine's own machinery (the package's ``.mim`` folder,
-    as in a wheel install), so the written ``_base_`` means the same file on any machine.
+    ``pkg::`` names resolve as mmengine resolves them in a ``_base_`` (the config inside the
+    installed package's ``.mim`` folder, as in a wheel install), so the written ``_base_``
+    means the same file on any machine with the same package.
     """
     if '::' in src:
-        from mmengine.config.utils import (_get_external_cfg_base_path,
-                                           _get_package_and_cfg_path)
-        from mmengine.utils import get_installed_path, is_installed
-        try:
-            package, rel = _get_package_and_cfg_path(src)
-        except (ValueError, AssertionError) as err:
-            raise SwapError(f'SRC {src} is not a config name mmengine can resolve ({err}); '
-                            f'write it as mmdet::FOLDER/FILE.py or mmseg::FOLDER/FILE.py, or '
-                            f'give a path.') from None
-        if not is_installed(package):
-            raise SwapError(f'SRC {src}: {package} is not installed; install it or give a '
-                            f'path.')
-        # What mmengine resolves a "pkg::folder/file.py" _base_ to: the config inside the
-        # installed package's .mim folder.
-        try:
-            path = _get_external_cfg_base_path(get_installed_path(package), rel)
-        except FileNotFoundError:
+        package, _, rel = src.partition('::')
+        root = _zoo_root(package) if package in PACKAGES else None
+        if root is None:
+            raise SwapError(f'SRC {src}: the tool converts configs of mmdet and mmseg '
+                            f'(mmdet::FOLDER/FILE.py, mmseg::FOLDER/FILE.py, installed), or '
+                            f'a config path; {package!r} is not one of them or not installed.')
+        path = osp.join(root, rel)
+        if not osp.isfile(path):
             raise SwapError(f'SRC {src}: no such config in the installed {package} (looked '
-                            f'in {osp.join(get_installed_path(package), ".mim", "configs")}); '
-                            f'check the name, or give a path.') from None
-        return path, src
+                            f'in {root}); check the name, or give a path.')
+        return path, _mmengine_name(package, rel)
     path = osp.abspath(osp.expanduser(src))
     if not osp.isfile(path):
         raise SwapError(f'SRC {src}: no such file; give a config path or an upstream name '
                         f'such as mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py.')
+    real = osp.realpath(path)
     for package in PACKAGES:
-        spec = importlib.util.find_spec(package)
-        if spec is None or spec.origin is None:
-            continue
-        root = osp.realpath(osp.join(osp.dirname(spec.origin), '.mim', 'configs'))
-        real = osp.realpath(path)
-        if real.startswith(root + os.sep):
-            return path, f'{package}::' + osp.relpath(real, root).replace(os.sep, '/')
+        root = _zoo_root(package)
+        if root is not None and real.startswith(root + os.sep):
+            return path, _mmengine_name(package, osp.relpath(real, root).replace(os.sep, '/'))
     return path, None
+
+
+def _in_zoo(path: str) -> bool:
+    real = osp.realpath(path)
+    return any(root is not None and real.startswith(root + os.sep)
+               for root in map(_zoo_root, PACKAGES))
 
 
 def _find_backbones(node, path: str) -> List[str]:
@@ -238,6 +253,8 @@ def _stages_of(bb: dict, key: str, strides: List[float], allow_stride_change: bo
         stages.append(STAGE_OF_STRIDE[rounded])
     if len(stages) > 4 or any(b <= a for a, b in zip(stages, stages[1:])):
         where = f'{key}.out_indices={tuple(bb["out_indices"])}' if 'out_indices' in bb else key
+        if any(d > 1 for d in dilations):
+            where += f' (dilations={dilations})'
         raise SwapError(
             f'{where}: the source backbone returns {len(stages)} maps at strides '
             f'{_fmt_strides(strides)}: not one map per level of a 4-level pyramid (strides 4, '
@@ -407,6 +424,8 @@ class _Rewriter:
             if len(value) != self.n:
                 raise SwapError(f'{key}.in_channels has {len(value)} entries but the backbone '
                                 f'feeds {self.n} maps ({DOC}).')
+            if ntype in ('YOLOV3Neck', 'mmdet.YOLOV3Neck'):
+                positions.reverse()  # YOLOv3's neck lists the deepest map first
         self.set_positions(neck, 'in_channels', positions, key,
                            f'the neck reads backbone maps {", ".join(map(str, positions))}')
         if ntype in ('JPU', 'mmseg.JPU'):
@@ -712,6 +731,12 @@ def convert(src: str, backbone: str, out: Optional[str] = None,
 
     if package_name is not None:
         base_ref = package_name
+    elif _in_zoo(path):
+        # An installed upstream config whose folder mmengine cannot name (gn+ws, legacy_1.x).
+        base_ref = path
+        changes.insert(0, '_base_: the source by its path: mmengine cannot read its '
+                          'package name (pkg::FOLDER/FILE.py) as a _base_, its pattern for '
+                          'folder names takes letters, digits and _ only')
     elif out is not None:
         try:
             base_ref = osp.relpath(path, osp.dirname(osp.abspath(out)))
@@ -789,8 +814,9 @@ def _optim_override(cfg: Config, key: str, btype: str, arch: str) -> Tuple[Optio
         kept = sorted(set((paramwise.get('custom_keys') or {})))
         changes.append(
             f'optim_wrapper.paramwise_cfg.custom_keys: added {len(additions)} key(s): no '
-            f'weight decay on the PEG (pos_block) and the norms, as twins_mm\'s own configs; '
-            f'the source\'s keys {kept} are kept (mmengine merges the dicts)')
+            f'weight decay on the PEG (pos_block) and the norms, as twins_mm\'s own configs '
+            f'(keys match parameter names by substring: "norm" also matches the heads\' '
+            f'norms); the source\'s keys {kept} are kept (mmengine merges the dicts)')
         changes += [f'optim_wrapper.paramwise_cfg.custom_keys: {n}' for n in notes]
     return (dict(paramwise_cfg=dict(custom_keys=additions)) if additions else None), changes
 

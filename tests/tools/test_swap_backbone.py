@@ -162,6 +162,17 @@ def test_installed_config_path_is_written_as_its_package_name(tmp_path):
     assert resolve_source(path) == (path, SEM_FPN)
 
 
+def test_installed_config_mmengine_cannot_name_is_inherited_by_path(tmp_path):
+    # mmengine's pattern for pkg:: names rejects the "+" of gn+ws.
+    src = 'mmdet::gn+ws/faster-rcnn_r50_fpn_gn-ws-all_1x_coco.py'
+    path = resolve_source(src)[0]
+    assert resolve_source(src) == (path, None)
+    out = tmp_path / 'gnws.py'
+    swap_backbone(src, 'twins_svt_b', str(out))
+    assert f"_base_ = ['{path}']" in out.read_text()
+    assert Config.fromfile(str(out)).model.neck.in_channels == SVT_B
+
+
 def test_drop_path_rate_follows_twins_mm_configs(outdir):
     # Segmentation: 0.2, SVT-L 0.3 (configs/upernet_twins_svt_l_160k.py); detection: 0.2.
     assert converted(outdir, SEM_FPN, 'twins_svt_l')[1].model.backbone.drop_path_rate == 0.3
@@ -314,7 +325,7 @@ def test_source_without_backbone(tmp_path):
 
 def test_missing_source(tmp_path):
     assert_refused(tmp_path, 'mmseg::sem_fpn/no_such_config.py', 'twins_svt_b',
-                   'no such config in the installed mmsegmentation')
+                   'no such config in the installed mmseg')
     assert_refused(tmp_path, str(tmp_path / 'nowhere.py'), 'twins_svt_b', 'no such file')
 
 
@@ -386,6 +397,24 @@ def test_failed_conversion_leaves_an_existing_output_as_it_was(tmp_path):
         swap_backbone(DEEPLABV3PLUS, 'twins_svt_b', str(out))
     assert out.read_text() == 'previous = 1\n'
     assert os.listdir(out.parent) == ['keep.py']
+
+
+def test_output_is_not_written_when_it_does_not_read_back(tmp_path, monkeypatch):
+    """The file is written to a temporary name, read back by mmengine, then renamed: a
+    failure on the way leaves neither a partial file nor the temporary one."""
+    from twins_mm import swap
+    fromfile = Config.fromfile
+
+    def unreadable_output(path, *args, **kwargs):
+        if osp.basename(path).startswith('.swap_backbone_'):  # the file being written
+            raise SyntaxError(f'cannot read {path}')
+        return fromfile(path, *args, **kwargs)
+
+    out = tmp_path / 'out' / 'partial.py'
+    monkeypatch.setattr(swap.Config, 'fromfile', unreadable_output)
+    with pytest.raises(SyntaxError, match='cannot read .*swap_backbone_'):
+        swap.swap_backbone(SEM_FPN, 'twins_svt_b', str(out))
+    assert os.listdir(out.parent) == []
 
 
 # ------------------------------------------------------------------ command line
