@@ -3,8 +3,8 @@ and mmseg 1.2.2 (``<package>/.mim/configs``): one config per model folder, conve
 tool (Twins-PCPVT-S and Twins-SVT-S in turn), built, and run once in predict mode on one small
 random image (64x64 unless the model needs more).
 
-Coverage: 106 of the 168 folders are counted (32 of 53 mmseg, 74 of 115 mmdet); every
-counted config passes. The other 62 are listed in NOT_COUNTED with the reason, checked once
+Coverage: 123 of the 168 folders are counted (32 of 53 mmseg, 91 of 115 mmdet); every
+counted config passes. The other 45 are listed in NOT_COUNTED with the reason, checked once
 by building and running the ORIGINAL config the same way, offline, on CPU (torch 2.13, mmcv
 2.1.0 built with its CPU ops): either the folder has no config whose backbone is a pyramid
 the tool can map (the tool refuses it and says why), or the config fails as shipped here
