@@ -17,8 +17,8 @@ two-stage query selection takes the top num_queries encoder tokens and a 128x96 
 
 Every process runs one CPU thread (OMP_NUM_THREADS=1): on a loaded 2-core machine a second
 OpenMP thread mostly spins (measured: a DINO step cost 12-15 CPU seconds with two threads,
-1.6 with one). The three tests together took 165 CPU seconds (user + sys of all processes,
-2-core VM, torch 2.13 CPU, commit of this file).
+1.6 with one). The three tests together took 179 CPU seconds (155 user + 25 sys, all
+processes; 2-core VM shared with other jobs, torch 2.13 CPU) and 8.5 minutes of wall time.
 """
 import glob
 import json
@@ -46,8 +46,8 @@ TIMEOUT = 900  # wall seconds per process; a step takes 1-2 CPU seconds, a start
 CASCADE_EPOCHS = 6
 CASCADE_MARGIN = dict(bbox=0.2, segm=0.1)
 # Loss falls: mean training loss of the last epoch-worth of iterations over the first.
-# Measured: Mask2Former SVT-S 139 -> 103 (-26 %) over 12 iterations; DINO SVT-S 50.5 -> 40.9
-# (-19 %) over 12 (epoch means; DINO's denoising queries make single steps noisy).
+# Measured: Mask2Former SVT-S 138.9 -> 103.0 (-26 %) over 12 iterations; DINO SVT-S 50.5 ->
+# 40.6 (-20 %) over 12 (epoch means; DINO's denoising queries make single steps noisy).
 MASK2FORMER_ITERS, MASK2FORMER_FALL = 12, 0.15
 DINO_EPOCHS, DINO_FALL = 6, 0.10
 
@@ -203,7 +203,8 @@ def test_dino_loss_falls_and_resume_is_exact(ws, tmp_path):
     by DINO_FALL over 12 iterations, and a run resumed from its middle checkpoint is the
     uninterrupted run. DINO draws its denoising queries from torch's generator every step,
     which mmengine does not checkpoint; PerIterationSeedHook seeds each iteration from its
-    number, so both runs draw the same."""
+    number, so both runs draw the same (without it the resumed losses differed from the
+    uninterrupted ones by up to 4 %)."""
     half = DINO_EPOCHS // 2
     extra = f"""
 model.update(num_queries=100)
@@ -230,7 +231,7 @@ def test_mask2former_loss_falls_and_resume_is_exact(ws, tmp_path):
     validation images). Instead: the training loss falls by MASK2FORMER_FALL over 12
     iterations, and a run resumed from its middle checkpoint is the uninterrupted run
     (importance point sampling draws from torch's generator every step: PerIterationSeedHook,
-    as for DINO)."""
+    as for DINO; without it the resumed losses differed by up to 0.16 %)."""
     half = MASK2FORMER_ITERS // 2
     data_root = ws['ade']
     body = f"""
