@@ -352,6 +352,27 @@ def short(nodeid: str) -> str:
     return nodeid.replace('tests/', '', 1)
 
 
+def grouped(nodeids: Sequence[str]) -> List[str]:
+    """Failing tests, the parametrised cases of one test function counted together."""
+    cases: Dict[str, int] = {}
+    for nodeid in nodeids:
+        base = short(nodeid).split('[')[0]
+        cases[base] = cases.get(base, 0) + 1
+    return [f'`{base}`' + (f' ({n} cases)' if n > 1 else '') for base, n in cases.items()]
+
+
+def table(label: str, rows) -> List[str]:
+    lines = [f'Breakages run against the {label} ({time.strftime("%Y-%m-%d")}, '
+             f'`tools/dev/mutation_test.py`).', '',
+             '| breakage | file | result | failing tests |', '|---|---|---|---|']
+    for b, status, caught, _ in rows:
+        lines.append(f'| {b.what} (`{b.name}`) | `{b.path}` | {status} | '
+                     f'{"<br>".join(grouped(caught))} |')
+    n_caught = sum(s.startswith('caught') for _, s, _, _ in rows)
+    lines += ['', f'{n_caught} of {len(rows)} breakages caught.']
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--only', nargs='+', metavar='NAME', help='run these breakages only')
@@ -422,15 +443,8 @@ def main(argv=None):
             print(f'[mutation] {b.name}: {status} ({seconds:.0f} s) '
                   f'{", ".join(short(t) for t in caught)}', flush=True)
 
-        lines = [f'Breakages run against the {label} ({time.strftime("%Y-%m-%d")}, '
-                 f'{sys.executable} -m pytest).', '',
-                 '| breakage | file | result | failing tests |', '|---|---|---|---|']
-        for b, status, caught, _ in rows:
-            tests = '<br>'.join(f'`{short(t)}`' for t in caught[:4])
-            more = f' (+{len(caught) - 4} more)' if len(caught) > 4 else ''
-            lines.append(f'| {b.what} (`{b.name}`) | `{b.path}` | {status} | {tests}{more} |')
+        lines = table(label, rows)
         n_caught = sum(s.startswith('caught') for _, s, _, _ in rows)
-        lines += ['', f'{n_caught} of {len(rows)} breakages caught.']
         print('\n'.join(lines))
         if args.markdown:
             with open(args.markdown, 'w') as f:
