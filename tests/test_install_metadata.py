@@ -208,7 +208,7 @@ def test_mim_search_finds_every_model(installed_site):
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     models = metafile_models()
-    assert set(found['rows']) == set(models) and len(models) == 36
+    assert set(found['rows']) == set(models) and len(models) == 54
     for name, row in found['rows'].items():
         model = models[name]
         assert row['config'] == model['Config']

@@ -336,3 +336,22 @@ def test_s_models_build_train_a_step_and_predict(head, variant):
             assert pred.bboxes.shape[1] == 4 and len(pred.scores) == len(pred.labels) > 0
             if head == 'cascade_mask_rcnn':
                 assert tuple(pred.masks.shape[1:]) == tuple(sample.ori_shape)
+
+
+def test_metafiles_list_every_recipe_without_results():
+    """`mim search twins_mm` reads these entries (tests/test_install_metadata.py runs it)."""
+    import yaml
+    listed = {}
+    for name in ('metafile-seg.yml', 'metafile-det.yml'):
+        with open(osp.join(REPO, 'configs', name)) as f:
+            listed.update({m['Config']: m for m in yaml.safe_load(f)['Models']})
+    for head, variant in ALL:
+        config = osp.relpath(config_path(head, variant), REPO)
+        model = listed[config]
+        assert model['Name'] == osp.splitext(osp.basename(config))[0]
+        assert model['Metadata']['Note'] == \
+            'no published result; built and trained on demo data only'
+        results = model['Results'] if isinstance(model['Results'], list) else [model['Results']]
+        assert results and all(r['Metrics'] == {} for r in results)
+        assert model['Metadata'].get('Epochs', model['Metadata'].get('Iterations')) == \
+            {'mask2former': 160000, 'cascade_mask_rcnn': 36, 'dino': 12}[head]
