@@ -30,14 +30,13 @@ import functools
 import importlib
 import importlib.util
 import keyword
-import math
 import os
 import os.path as osp
 import re
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from mmengine.config import Config, ConfigDict
+from mmengine.config import Config
 
 from twins_mm.models.archs import PCPVT_ARCHS, SVT_ARCHS
 
@@ -328,11 +327,11 @@ class _Rewriter:
             self.head(head['kernel_generate_head'], f'{key}.kernel_generate_head', n_inputs,
                       passthrough)
         if 'shared_head' in head or ('bbox_roi_extractor' in head and passthrough is None):
+            reader = 'shared_head, a ResNet stage,' if 'shared_head' in head else 'the box head'
             raise SwapError(
                 f'{key} (type {htype!r}) reads the backbone\'s map without a neck (a C4 / DC5 '
-                f'design: the RoI extractor and {"shared_head, a ResNet stage," if "shared_head" in head else "the box head"} '
-                f'take the backbone\'s width); the tool does not map it. Start from the FPN '
-                f'version of this detector.')
+                f'design: the RoI extractor and {reader} take the backbone\'s width); the '
+                f'tool does not map it. Start from the FPN version of this detector.')
         unknown = [k for k in head if k.endswith('in_channels')
                    and k not in ('in_channels', 'c1_in_channels')]
         if unknown:
