@@ -312,6 +312,13 @@ def test_s_models_build_train_a_step_and_predict(head, variant):
     else:
         assert [c.conv.in_channels for c in model.neck.convs] == widths[1:]
         assert model.neck.extra_convs[0].conv.in_channels == widths[-1]
+    # The metafile's parameter count is this model's (DINO here selects 50 queries, not 900:
+    # 850 fewer query embeddings of 256).
+    count = sum(p.numel() for p in model.parameters())
+    if head == 'dino':
+        count += (900 - 50) * 256
+    assert metafile_parameters(head, variant) == (
+        count if head == 'mask2former' else pytest.approx(count / 1e6, abs=0.05))
     model.train()
     data = model.data_preprocessor(packed, True)
     losses = model.loss(data['inputs'], data['data_samples'])
@@ -338,13 +345,23 @@ def test_s_models_build_train_a_step_and_predict(head, variant):
                 assert tuple(pred.masks.shape[1:]) == tuple(sample.ori_shape)
 
 
-def test_metafiles_list_every_recipe_without_results():
-    """`mim search twins_mm` reads these entries (tests/test_install_metadata.py runs it)."""
+def metafile_models():
     import yaml
     listed = {}
     for name in ('metafile-seg.yml', 'metafile-det.yml'):
         with open(osp.join(REPO, 'configs', name)) as f:
             listed.update({m['Config']: m for m in yaml.safe_load(f)['Models']})
+    return listed
+
+
+def metafile_parameters(head, variant):
+    meta = metafile_models()[osp.relpath(config_path(head, variant), REPO)]['Metadata']
+    return meta['Parameters'] if head == 'mask2former' else meta['Parameters (M)']
+
+
+def test_metafiles_list_every_recipe_without_results():
+    """`mim search twins_mm` reads these entries (tests/test_install_metadata.py runs it)."""
+    listed = metafile_models()
     for head, variant in ALL:
         config = osp.relpath(config_path(head, variant), REPO)
         model = listed[config]
