@@ -318,3 +318,24 @@ def test_user_facing_text_speaks_of_the_project_only():
 ])
 def test_dev_log_pattern(text, flagged):
     assert bool(DEV_LOG.search(text)) == flagged
+
+
+def test_metafile_batch_and_gpus_are_the_configs():
+    """Each metafile model's "Batch Size" is its config's global batch: "Training Resources"
+    GPUs times the config's images per GPU, and the ``auto_scale_lr.base_batch_size`` that
+    ``--auto-scale-lr`` scales from."""
+    from mmengine.config import Config
+    problems = []
+    for rel in METAFILES:
+        for m in yaml.safe_load((ROOT / rel).read_text()).get('Models', []):
+            meta = m['Metadata']
+            if 'Batch Size' not in meta:
+                continue
+            gpus = int(re.match(r'(\d+)x GPUs', meta['Training Resources'])[1])
+            cfg = Config.fromfile(str(ROOT / m['Config']))
+            per_gpu = cfg.train_dataloader.batch_size
+            base = cfg.get('auto_scale_lr', {}).get('base_batch_size')
+            if gpus * per_gpu != meta['Batch Size'] or base not in (None, meta['Batch Size']):
+                problems.append(f"{m['Name']}: metafile batch {meta['Batch Size']} on {gpus} "
+                                f'GPUs; config {per_gpu} per GPU, base_batch_size {base}')
+    assert not problems, '\n'.join(problems)
