@@ -74,7 +74,7 @@ def test_window_key_mask_flags_exactly_the_padding():
     assert int((~full).sum()) == 133 * 133 - 128 * 128
 
 
-# --- The upstream mask and the size of its error (README, "Upstream defects") -------------
+# --- The upstream mask and the size of its error (docs/backbone.md, "Upstream defects") -------------
 # docs/reference.md 3.2 and 7 #1: official segmentation/gvt.py, mmseg 1.2.2 and mmpretrain
 # flag padded positions by assigning 1 to "the last pad_b rows" and "the last pad_r
 # columns" with negative-start slices; a zero pad makes its slice start at -0 = 0, so every
@@ -110,7 +110,7 @@ def upstream_lsa(attn: LocallyGroupedAttention, x: torch.Tensor) -> torch.Tensor
 
 
 def upstream_error_setup(seed: int = 0):
-    """The setup of the README's number: the test module's LSA (dim 32, 2 heads, window 7)
+    """The setup of the number in docs/backbone.md: the test module's LSA (dim 32, 2 heads, window 7)
     with qkv bias ~ N(0, 1) and inputs ~ N(0, 1), batch 2, seed 0."""
     torch.manual_seed(seed)
     attn = LocallyGroupedAttention(dim=32, num_heads=2, window_size=7).eval()
@@ -153,8 +153,8 @@ def test_upstream_lsa_equals_mmseg_builtin():
             torch.testing.assert_close(out, upstream_lsa(attn, x), rtol=1e-5, atol=1e-5)
 
 
-def test_upstream_mask_error_is_what_the_readme_states():
-    """README: 'max error 0.29 at 14x16' (docs/reference.md 3.2 gives 16x14 too). Measured
+def test_upstream_mask_error_is_what_the_docs_state():
+    """docs/backbone.md: 'max error 0.29 at 14x16' (docs/reference.md 3.2 gives 16x14 too). Measured
     here: max |upstream - exact| over all outputs of the setup above; 14x16 has pad_b = 0,
     pad_r = 5, 16x14 the reverse. Both pads > 0 gives 0 (test above)."""
     assert round(upstream_max_error((14, 16)), 2) == 0.29
