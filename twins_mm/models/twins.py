@@ -31,9 +31,24 @@ MIN_INPUT_SIZE = 32
 
 
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, N, C) -> (B, heads, N, C // heads)."""
+    """(B, N, C) -> (B, heads, N, C // heads); a copy under graph capture (see _nchw)."""
     B, N, C = x.shape
-    return x.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
+    x = x.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
+    # clone, not contiguous: with one head the transposed view already counts as contiguous.
+    return x.clone(memory_format=torch.contiguous_format) if ops.graph_capture() else x
+
+
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) map -> (B, C, H, W) for a convolution.
+
+    Eager: a free permuted view (a channels-last NCHW tensor). Under graph capture: a
+    contiguous copy. With dynamic H and W, inductor (torch 2.13, 2.14) orders the strides
+    of a permuted view that a graph saves for backward with plain sympy comparisons, which
+    cannot decide ``W * C < C`` for a symbolic ``W`` ("cannot determine truth value of
+    Relational"); a contiguous tensor is saved as a buffer of its own and never ordered so.
+    """
+    x = x.permute(0, 3, 1, 2)
+    return x.contiguous() if ops.graph_capture() else x
 
 
 class PatchEmbed(nn.Module):
@@ -57,7 +72,7 @@ class PositionEncodingGenerator(nn.Module):
             nn.Conv2d(embed_dims, embed_dims, 3, padding=1, groups=embed_dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + self.proj(_nchw(x)).permute(0, 2, 3, 1)
 
 
 class GlobalSubsampledAttention(nn.Module):
@@ -80,7 +95,7 @@ class GlobalSubsampledAttention(nn.Module):
         source = x
         if self.sr_ratio > 1:
             # The conv floors: rows/columns beyond a whole sr x sr cell are left out.
-            source = self.norm(self.sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+            source = self.norm(self.sr(_nchw(x)).permute(0, 2, 3, 1))
         kv = ops.linear_residual(source, self.kv)
         k, v = kv.reshape(B, -1, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1,
                                                                                  4).unbind(0)
@@ -379,7 +394,7 @@ class TwinsBase(BaseModule):
                 if j == 0:
                     x = self.pos_block[i](x)
             x = self.norm_list[i](x)
-            x = x.permute(0, 3, 1, 2)
+            x = _nchw(x)
             if i in self.out_indices:
                 outs.append(x.contiguous())
         return tuple(outs)
