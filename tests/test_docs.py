@@ -291,6 +291,11 @@ def user_facing_files(root=ROOT):
     files += sorted((root / 'requirements').glob('*.txt'))
     files += sorted(p for p in (root / 'tools').rglob('*')
                     if p.suffix in ('.py', '.sh') and '__pycache__' not in p.parts)
+    # test docstrings and comments speak to the suite's readers; test_docs.py itself holds
+    # the pattern's examples
+    files += sorted(p for p in (root / 'tests').rglob('*.py')
+                    if p.name != 'test_docs.py' and '__pycache__' not in p.parts)
+    files += sorted((root / 'twins_mm').rglob('*.py')) + sorted((root / 'configs').rglob('*.py'))
     return [f for f in files if f.is_file()]
 
 

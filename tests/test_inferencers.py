@@ -128,7 +128,7 @@ def own_test_step(model, pipeline, image):
 
 def predict_both_ways(scope, script, trained, tmp_path, num_classes):
     """(what the APIs return in a fresh process, the model built here, its config). Both APIs
-    must carry the classes of the dataset the checkpoint was trained on (ADE20K 150, COCO 80)."""
+    must hold the classes of the dataset the checkpoint was trained on (ADE20K 150, COCO 80)."""
     config, checkpoint, image = trained
     got = apis_in_fresh_process(script, config, checkpoint, image, tmp_path)
     model, cfg, meta = own_model(scope, config, checkpoint)

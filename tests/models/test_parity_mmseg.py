@@ -12,7 +12,7 @@ Tolerances (outputs have magnitude ~5-12): with twins_mm's LayerNorm eps set to 
 1e-5 the two agree to float32 round-off, measured <= 1.3e-5, checked at atol 3e-5. As
 built, twins_mm uses the official eps 1e-6 in block and stage norms where mmseg hard-codes
 1e-5; that moves each normalised value by a relative ~4.5e-6 / variance, measured <= 2.1e-5
-at the outputs, checked at atol 1e-4 (the bound issue #5's optimisations must keep).
+at the outputs, checked at atol 1e-4 (the bound the fast paths must keep).
 """
 import pytest
 import torch

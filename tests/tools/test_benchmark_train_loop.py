@@ -15,7 +15,7 @@ from tests.tools.test_benchmark_and_flops import table_rows  # noqa: E402
 @pytest.mark.parametrize('task', ['fpn', 'retinanet'])
 def test_same_config_with_each_backbone(task, tmp_path):
     """Only the backbone (and, for Swin-T, the neck's input widths) differs; the built
-    models carry twins_mm's TwinsSVT, mmseg's SVT and mmdet's SwinTransformer."""
+    models hold twins_mm's TwinsSVT, mmseg's SVT and mmdet's SwinTransformer."""
     import torch
     from mmengine.registry import MODELS, init_default_scope
     args = loop.parse_args(['--task', task, '--batch', '1'])

@@ -80,7 +80,7 @@ def test_onnx_latency_times_the_exported_model_on_the_input(monkeypatch):
     """benchmark.onnx_latency must time an ONNX model that computes what the eager model
     computes, on the given input, and report milliseconds of the calls it timed.
 
-    Every onnxruntime session run and every eager run is intercepted: the ONNX outputs are
+    Every onnxruntime run and every eager run is intercepted: the ONNX outputs are
     compared with the eager model's, and the reported medians with the calls' own times."""
     import time
 
