@@ -53,6 +53,9 @@ def parse_args(argv=None):
     parser.add_argument('--width', type=int, default=160)
     parser.add_argument('--height', type=int, default=128)
     parser.add_argument('--workers', type=int, default=1, help='dataloader workers')
+    parser.add_argument('--train-only', action='store_true',
+                        help='train and save the checkpoint; skip the evaluation '
+                        'and the overlays')
     parser.add_argument('--threads', type=int, default=2,
                         help='torch CPU threads of the train/test processes; results depend on '
                         'it (summation order), so the documented numbers name it')
@@ -195,6 +198,9 @@ def main(argv=None):
     run([sys.executable, 'tools/train.py', config, '--work-dir', train_dir,
          '--cfg-options', *opts], osp.join(out, 'train.log'), args.threads)
     trained = osp.join(train_dir, f'epoch_{args.epochs}.pth')
+    if args.train_only:
+        print(f'trained checkpoint: {trained} ({time.time() - start:.0f} s)')
+        return
 
     opts_test = opts + test_overrides(args)
     before = test_coco(config, opts_test, untrained, osp.join(out, 'test_untrained'), args.threads)

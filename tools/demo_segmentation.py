@@ -41,6 +41,9 @@ def parse_args(argv=None):
     parser.add_argument('--workers', type=int, default=2, help='dataloader workers')
     parser.add_argument('--seed', type=int, default=0,
                         help='seeds head init, shuffling and augmentation (mmengine randomness)')
+    parser.add_argument('--train-only', action='store_true',
+                        help='train and save the checkpoint; skip the evaluation '
+                        'and the overlays')
     parser.add_argument('--threads', type=int, default=2,
                         help='torch CPU threads of the train/test processes; results depend on '
                         'it (summation order), so the documented numbers name it')
@@ -139,6 +142,9 @@ def main(argv=None):
     run([sys.executable, 'tools/train.py', CONFIG, '--work-dir', train_dir,
          '--cfg-options', *opts], osp.join(out, 'train.log'), args.threads)
     trained = osp.join(train_dir, f'iter_{args.iters}.pth')
+    if args.train_only:
+        print(f'trained checkpoint: {trained} ({time.time() - start:.0f} s)')
+        return
 
     miou_untrained = test_miou(opts, untrained, osp.join(out, 'test_untrained'), args.threads)
     overlays = osp.join(out, 'overlays')
