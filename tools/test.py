@@ -16,7 +16,8 @@ from mmengine.config import ConfigDict  # noqa: E402
 import twins_mm  # noqa: E402,F401  (registers the backbones, safe checkpoint loading)
 from twins_mm.launch import (add_common_args, build_runner, check_data_or_exit,  # noqa: E402
                              config_scope, load_config, parse_with_local_rank,
-                             prepare_cpu_distributed, silence_upstream_deprecation_noise)
+                             end_distributed, prepare_cpu_distributed,
+                             silence_upstream_deprecation_noise)
 
 
 def parse_args(argv=None):
@@ -107,6 +108,7 @@ def main(argv=None):
     if args.out is not None:
         add_result_dump(cfg, runner, args.out, scope)
     runner.test()
+    end_distributed()
 
 
 if __name__ == '__main__':

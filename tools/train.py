@@ -17,7 +17,8 @@ from mmengine.logging import print_log  # noqa: E402
 import twins_mm  # noqa: E402,F401  (registers the backbones, safe checkpoint loading)
 from twins_mm.launch import (add_common_args, build_runner, check_data_or_exit,  # noqa: E402
                              config_scope, load_config, parse_with_local_rank,
-                             prepare_cpu_distributed, silence_upstream_deprecation_noise)
+                             end_distributed, prepare_cpu_distributed,
+                             silence_upstream_deprecation_noise)
 
 
 def parse_args(argv=None):
@@ -103,6 +104,7 @@ def main(argv=None):
     prepare_cpu_distributed(cfg)
     runner = build_runner(cfg)
     runner.train()
+    end_distributed()
 
 
 if __name__ == '__main__':

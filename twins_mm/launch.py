@@ -133,6 +133,14 @@ def _replace_sync_bn(node) -> None:
             _replace_sync_bn(value)
 
 
+def end_distributed() -> None:
+    """Destroys the default process group, if any, before the interpreter exits: a gloo group
+    left to the interpreter's finalisation can abort the process (SIGABRT, "terminate called
+    without an active exception") after a run that succeeded."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def prepare_cpu_distributed(cfg) -> None:
     """Makes ``--launcher pytorch`` work without a GPU (gloo backend, BN instead of SyncBN)."""
     if cfg.launcher == 'none' or torch.cuda.is_available():

@@ -279,3 +279,20 @@ def test_convert_checkpoint_prefix_selects_the_sub_tree(tmp_path, monkeypatch):
                                       'teacher.'])
     with pytest.raises(SystemExit, match="No key of the checkpoint starts with 'teacher.'"):
         convert_checkpoint.main()
+
+
+def test_end_distributed_destroys_the_process_group(tmp_path):
+    """tools/train.py and tools/test.py end with ``end_distributed``: a gloo group left to the
+    interpreter's exit can abort a run that succeeded."""
+    import torch.distributed as dist
+
+    from twins_mm.launch import end_distributed
+    end_distributed()  # no group: nothing to do
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0,
+                            world_size=1)
+    try:
+        end_distributed()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
