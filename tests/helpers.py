@@ -1,3 +1,5 @@
+import contextlib
+
 import torch
 
 import twins_mm
@@ -19,6 +21,42 @@ def shallow_arch(family, arch, depth=None):
     arch = dict((SVT_ARCHS if svt else PCPVT_ARCHS)[arch])
     arch['depths'] = [depth or (2 if svt else 1)] * len(arch['depths'])
     return arch
+
+
+def perturb_norms_and_biases(model, std=0.02):
+    """Non-trivial norms and biases everywhere (initialisation leaves them 1 and 0, which
+    hides a swapped or dropped affine term): biases ~ N(0, std), other 1-D weights ~ U(0.8,
+    1.2)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith('bias'):
+                p.normal_(0, std)
+            elif p.dim() == 1:
+                p.uniform_(0.8, 1.2)
+    return model
+
+
+@contextlib.contextmanager
+def metafiles_read_once():
+    """mmengine re-reads every metafile of mmdet / mmseg (about 50 YAML files, 0.7 s) each
+    time it resolves a ``pkg::`` base; inside this context each file is read once (they do
+    not change)."""
+    from mmengine.config import utils
+    original = utils.load
+    cache = {}
+
+    def load_once(path, *args, **kwargs):
+        if not (isinstance(path, str) and path.endswith(('.yml', '.yaml'))):
+            return original(path, *args, **kwargs)
+        if path not in cache:
+            cache[path] = original(path, *args, **kwargs)
+        return cache[path]
+
+    utils.load = load_once
+    try:
+        yield
+    finally:
+        utils.load = original
 
 
 # --- Process-wide torch settings that a test may change ------------------------------------

@@ -16,6 +16,7 @@ float32 CPU forward and backward of the same pairs measure <= 1.8e-6 with torch 
 import pytest
 import torch
 
+from tests.helpers import perturb_norms_and_biases
 from tests.gpu.common import FAMILIES, build, projection_loss, projection_weights, relative_error
 from twins_mm.checkpoints import load_pretrained, mmseg_to_official
 from twins_mm.models.archs import PCPVT_ARCHS, SVT_ARCHS
@@ -56,12 +57,7 @@ def mmseg_reference(family):
     else:
         theirs = PCPVT(norm_after_stage=False, **common)
     theirs.init_weights()
-    with torch.no_grad():  # non-trivial norms and biases everywhere
-        for name, p in theirs.named_parameters():
-            if name.endswith('bias'):
-                p.normal_(0, 0.02)
-            elif p.dim() == 1:
-                p.uniform_(0.8, 1.2)
+    perturb_norms_and_biases(theirs)
     return theirs
 
 

@@ -20,7 +20,7 @@ from mmseg.models.backbones import PCPVT, SVT
 
 import twins_mm
 from twins_mm.models.archs import PCPVT_ARCHS, SVT_ARCHS
-from tests.helpers import VARIANTS
+from tests.helpers import VARIANTS, perturb_norms_and_biases
 
 
 def build_mmseg(family, arch):
@@ -43,12 +43,7 @@ def test_same_outputs_as_mmseg_builtin(tmp_path, family, arch, size):
     torch.manual_seed(0)
     theirs = build_mmseg(family, arch)
     theirs.init_weights()
-    with torch.no_grad():  # non-trivial norms and biases everywhere
-        for name, p in theirs.named_parameters():
-            if name.endswith('bias'):
-                p.normal_(0, 0.02)
-            elif p.dim() == 1:
-                p.uniform_(0.8, 1.2)
+    perturb_norms_and_biases(theirs)
     path = tmp_path / 'mmseg_layout.pth'
     torch.save({'state_dict': theirs.state_dict(), 'meta': {}}, path)
 

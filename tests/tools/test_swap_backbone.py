@@ -13,6 +13,7 @@ import torch
 from mmengine.config import Config
 
 from tools.misc import swap_backbone as cli
+from tests.helpers import metafiles_read_once
 from twins_mm.swap import SwapError, resolve_source, swap_backbone
 
 SVT_B = [96, 192, 384, 768]
@@ -49,23 +50,9 @@ def source_cfg(src):
 
 
 @pytest.fixture(scope='module', autouse=True)
-def metafiles_read_once():
-    """mmengine re-reads every metafile of mmdet / mmseg (about 50 YAML files, 0.7 s) each
-    time it resolves a ``pkg::`` base; read each file once (they do not change)."""
-    from mmengine.config import utils
-    original = utils.load
-    cache = {}
-
-    def load_once(path, *args, **kwargs):
-        if not (isinstance(path, str) and path.endswith(('.yml', '.yaml'))):
-            return original(path, *args, **kwargs)
-        if path not in cache:
-            cache[path] = original(path, *args, **kwargs)
-        return cache[path]
-
-    utils.load = load_once
-    yield
-    utils.load = original
+def read_metafiles_once():
+    with metafiles_read_once():
+        yield
 
 
 @pytest.fixture(scope='module')

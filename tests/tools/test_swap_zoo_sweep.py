@@ -29,6 +29,7 @@ from mmengine.logging import MMLogger
 from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import init_default_scope
 
+from tests.helpers import metafiles_read_once
 from twins_mm.swap import swap_backbone
 
 STRIDE = dict(allow_stride_change=True)  # dilated ResNet sources ("-d8")
@@ -256,24 +257,12 @@ def test_every_folder_is_counted_or_listed_with_a_reason():
 def quiet_and_quick():
     """mmengine re-reads every metafile of the package (about 50 YAML files) whenever it
     resolves a pkg:: base: read each once (they do not change); log warnings only."""
-    from mmengine.config import utils
-    original = utils.load
-    cache = {}
-
-    def load_once(path, *args, **kwargs):
-        if not (isinstance(path, str) and path.endswith(('.yml', '.yaml'))):
-            return original(path, *args, **kwargs)
-        if path not in cache:
-            cache[path] = original(path, *args, **kwargs)
-        return cache[path]
-
-    utils.load = load_once
     logger = MMLogger.get_current_instance()
     level = logger.level
     logger.setLevel(logging.WARNING)
-    yield
+    with metafiles_read_once():
+        yield
     logger.setLevel(level)
-    utils.load = original
 
 
 def _no_weights(node):
