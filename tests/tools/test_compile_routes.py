@@ -175,7 +175,9 @@ class TinySegmentor:
             def forward(self, inputs, data_samples=None, mode='tensor'):
                 outs = self.backbone(inputs)
                 if mode == 'loss':
-                    return dict(loss=sum((o * o).mean() for o in outs))
+                    # per-channel means: not fixed by the stage norms, so the loss
+                    # depends on every weight from the first iteration on
+                    return dict(loss=sum((o.mean((2, 3)) - 0.5).square().sum() for o in outs))
                 return outs
 
         return Model()
@@ -214,23 +216,25 @@ def run_mmengine(tmp_path, compile_cfg, sizes):
                               sampler=dict(type='DefaultSampler', shuffle=False),
                               collate_fn=dict(type='default_collate')),
         train_cfg=dict(by_epoch=False, max_iters=len(sizes)),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
         default_hooks=dict(checkpoint=None, logger=None), custom_hooks=[recorder],
-        cfg=dict(compile=compile_cfg), log_level='WARNING', default_scope='mmengine')
+        cfg=dict(compile=compile_cfg), log_level='WARNING', default_scope='mmengine',
+        randomness=dict(seed=0))  # the same initial weights in every run
     runner.train()
     return recorder.losses
 
 
 def test_mmengine_runner_compile_under_multiscale_training(tmp_path):
     """``Runner(compile=True)`` compiles ``train_step`` and trains through three sizes in four
-    iterations; the first iteration (the same weights) has eager's loss."""
+    iterations with eager's loss at every iteration (same seed, so the same initial weights;
+    measured <= 1.2e-5 relative)."""
     sizes = [(96, 128), (96, 128), (128, 96), (160, 80)]
     eager = run_mmengine(tmp_path, False, sizes)
     assert counters['stats']['unique_graphs'] == 0
     compiled = run_mmengine(tmp_path, True, sizes)
     assert counters['stats']['unique_graphs'] > 0
     assert len(compiled) == len(sizes) and all(torch.isfinite(torch.tensor(compiled)))
-    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=0)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=0)
 
 
 # ------------------------------------------------------------ why the graph path copies
